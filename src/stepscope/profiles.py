@@ -1,0 +1,104 @@
+"""Trace format profiles: where thinking ends and the summary starts, kept as data.
+
+A profile describes a model's output format, not a model. The step rule inside the thinking segment is the
+same for every profile (see :mod:`stepscope.steps`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import StepscopeError
+
+
+@dataclass(frozen=True)
+class FormatProfile:
+    """How a response splits into thinking and summary.
+
+    ``summary_after``: a regex; the summary starts at the first token after the token that completes the first
+    match (the marker itself stays in thinking). ``answer_line``: a regex; the summary starts at the beginning of
+    the line holding the first match. ``last_paragraph``: with no marker, the last paragraph is the summary.
+    ``max_marker_chars`` bounds how far back a streaming matcher must look.
+    """
+
+    name: str
+    description: str
+    summary_after: str | None = None
+    answer_line: str | None = None
+    last_paragraph: bool = False
+    max_marker_chars: int = 64
+    # Text appended to a bare question so that a model of this format reasons in steps and states an answer.
+    instruction: str = ""
+
+
+THINK = FormatProfile(
+    name="think",
+    description="<think> ... </think> then the answer (DeepSeek-R1-Distill, QwQ, Qwen3 thinking)",
+    summary_after=r"</think>",
+    max_marker_chars=16,
+)
+
+HARMONY = FormatProfile(
+    name="harmony",
+    description="GPT-OSS harmony: the analysis channel is thinking, the final channel the summary",
+    summary_after=r"<\|channel\|>final(?:[^<]|<\|constrain\|>)*<\|message\|>",
+    max_marker_chars=96,
+)
+
+PLAIN = FormatProfile(
+    name="plain",
+    description="plain instruct model: the answer line (Final answer: / The answer is / \\boxed) starts the "
+    "summary, else the last paragraph",
+    answer_line=r"(?i)final answer\s*[:：]|the (?:final )?answer is\b|\\boxed\{",
+    last_paragraph=True,
+    max_marker_chars=24,
+    instruction=(
+        "Solve the problem step by step, one short sentence per step. "
+        "End with a last line of the form 'Final answer: <answer>'."
+    ),
+)
+
+PROFILES: dict[str, FormatProfile] = {p.name: p for p in (THINK, HARMONY, PLAIN)}
+
+
+def get_profile(profile: str | FormatProfile | None, tokenizer=None) -> FormatProfile:
+    """Resolve a profile by name, or detect it from the tokenizer when ``None``/``"auto"``."""
+    if isinstance(profile, FormatProfile):
+        return profile
+    if profile is None or profile == "auto":
+        return detect_profile(tokenizer)
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise StepscopeError(
+            f"unknown trace format profile {profile!r}; choose one of {', '.join(PROFILES)} or 'auto'"
+        ) from None
+
+
+def detect_profile(tokenizer) -> FormatProfile:
+    """Guess the format from the tokenizer's vocabulary and chat template."""
+    if tokenizer is None:
+        return PLAIN
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # some tokenizers keep several named templates
+        template = " ".join(str(t) for t in template.values())
+    vocab_has = _vocab_lookup(tokenizer)
+    if "<|channel|>" in template or vocab_has("<|channel|>"):
+        return HARMONY
+    if "</think>" in template or vocab_has("</think>"):
+        return THINK
+    return PLAIN
+
+
+def _vocab_lookup(tokenizer):
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # tokenizers without a materialised vocab
+        vocab = {}
+    added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    return lambda tok: tok in vocab or tok in added
+
+
+def compile_marker(pattern: str | None) -> re.Pattern | None:
+    return re.compile(pattern) if pattern else None

@@ -1,0 +1,144 @@
+"""The step rule, applied offline to a finished text (the reference the online tracker must match).
+
+Thinking: a step ends at a sentence end (``.``, ``?`` or ``!`` followed by whitespace) or at a blank line (a
+whitespace run holding two or more newlines). The next step starts at the first non-whitespace character after
+that run; the whitespace stays with the step before. A piece whose text (stripped) is shorter than 15
+characters, or is only a number, is merged into the next piece. ``3.14`` never splits (no whitespace after the
+period). Summary: split on blank lines only; empty pieces are never steps.
+
+Tokens are placed by their *anchor*: the index of their first non-whitespace character, or, for a token that is
+all whitespace or empty, the index just before it. A token belongs to the step whose boundary is the last one at
+or before its anchor. Steps that receive no token are dropped (their text merges into the next step).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .profiles import FormatProfile
+
+_WS_RUN = re.compile(r"\s+")
+_NUMBER_ONLY = re.compile(r"[\d\s.,:;()+\-]*")
+TERMINATORS = ".?!"
+
+
+@dataclass(frozen=True)
+class PieceRule:
+    min_chars: int
+    split_on_terminators: bool
+    merge_numbers: bool
+
+
+THINKING_RULE = PieceRule(min_chars=15, split_on_terminators=True, merge_numbers=True)
+SUMMARY_RULE = PieceRule(min_chars=1, split_on_terminators=False, merge_numbers=False)
+
+
+def is_number_only(piece: str) -> bool:
+    return _NUMBER_ONLY.fullmatch(piece) is not None
+
+
+def piece_boundaries(text: str, start: int, end: int, rule: PieceRule) -> list[int]:
+    """Character positions in ``(start, end)`` where a new piece starts, after merging short pieces."""
+    out: list[int] = []
+    piece_start = start
+    for m in _WS_RUN.finditer(text, start, end):
+        s, e = m.span()
+        if e >= end:  # whitespace that runs to the end of the region starts nothing
+            break
+        ends_sentence = rule.split_on_terminators and s > start and text[s - 1] in TERMINATORS
+        blank_line = text.count("\n", s, e) >= 2
+        if not (ends_sentence or blank_line):
+            continue
+        piece = text[piece_start:s].strip()
+        if len(piece) < rule.min_chars or (rule.merge_numbers and is_number_only(piece)):
+            continue
+        out.append(e)
+        piece_start = e
+    return out
+
+
+def paragraph_breaks(text: str, start: int, end: int) -> list[int]:
+    """Starts of paragraphs after the first non-empty one in ``[start, end)``."""
+    return piece_boundaries(text, start, end, SUMMARY_RULE)
+
+
+def token_anchor(text: str, a: int, b: int) -> int:
+    for i in range(a, b):
+        if not text[i].isspace():
+            return i
+    return a - 1
+
+
+@dataclass(frozen=True)
+class ResponsePlan:
+    """Where the response splits, in characters of the full text."""
+
+    summary_start: int | None  # None: no summary
+    summary_by_anchor: bool  # True: tokens with anchor >= summary_start; False: tokens starting there or later
+    thinking_bounds: tuple[int, ...]
+    summary_bounds: tuple[int, ...]
+    note: str = ""  # why there is no summary / no thinking, for warnings
+
+
+def plan_response(text: str, response_start: int, profile: FormatProfile) -> ResponsePlan:
+    end = len(text)
+    summary_start, by_anchor, note = None, False, ""
+    if profile.summary_after:
+        m = re.compile(profile.summary_after).search(text, response_start)
+        if m:
+            summary_start = m.end()
+        else:
+            note = f"no summary marker ({profile.summary_after}) in the response"
+    elif profile.answer_line:
+        by_anchor = True
+        m = re.compile(profile.answer_line).search(text, response_start)
+        if m:
+            line = text.rfind("\n", response_start, m.start()) + 1 or response_start
+            line = max(line, response_start)
+            summary_start = _first_nonws(text, line, m.start() + 1)
+        elif profile.last_paragraph:
+            breaks = paragraph_breaks(text, response_start, end)
+            if breaks:
+                summary_start = breaks[-1]
+            else:
+                note = "no answer line and a single paragraph: no summary"
+    think_end = end if summary_start is None else summary_start
+    thinking = piece_boundaries(text, response_start, think_end, THINKING_RULE)
+    summary: list[int] = []
+    if summary_start is not None:
+        summary = piece_boundaries(text, summary_start, end, SUMMARY_RULE)
+    return ResponsePlan(summary_start, by_anchor, tuple(thinking), tuple(summary), note)
+
+
+def _first_nonws(text: str, a: int, b: int) -> int:
+    for i in range(a, b):
+        if not text[i].isspace():
+            return i
+    return a
+
+
+@dataclass(frozen=True)
+class TokenLabel:
+    segment: str  # "thinking" or "summary"
+    step: int  # index of the step within its segment
+
+
+def label_response_tokens(
+    text: str, offsets: list[tuple[int, int]], first: int, plan: ResponsePlan
+) -> list[TokenLabel]:
+    """Labels of tokens ``first..`` (the response) under ``plan``."""
+    import bisect
+
+    labels = []
+    for a, b in offsets[first:]:
+        anchor = token_anchor(text, a, b)
+        if plan.summary_start is None:
+            in_summary = False
+        elif plan.summary_by_anchor:
+            in_summary = anchor >= plan.summary_start
+        else:
+            in_summary = a >= plan.summary_start
+        bounds = plan.summary_bounds if in_summary else plan.thinking_bounds
+        labels.append(TokenLabel("summary" if in_summary else "thinking", bisect.bisect_right(bounds, anchor)))
+    return labels
