@@ -86,6 +86,8 @@ def _from_pretrained(path, torch_dtype, device_map, trust_remote_code, attn_impl
     kwargs = {"trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
+    if not Path(path).exists() and not _hub_reachable():
+        kwargs["local_files_only"] = True  # fail at once from the local cache instead of retrying for a minute
     model_kwargs = dict(kwargs, dtype=torch_dtype)
     if device_map is not None:
         model_kwargs["device_map"] = device_map
@@ -101,6 +103,22 @@ def _from_pretrained(path, torch_dtype, device_map, trust_remote_code, attn_impl
     except (OSError, ValueError) as e:  # what from_pretrained raises for missing or unreachable models
         raise ModelNotFoundError(_not_found_message(path, e)) from None
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (offline machines get an immediate, clear error)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _not_found_message(path: str, err: Exception) -> str:

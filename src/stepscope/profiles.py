@@ -17,8 +17,8 @@ class FormatProfile:
     """How a response splits into thinking and summary.
 
     ``summary_after``: a regex; the summary starts at the first token after the token that completes the first
-    match (the marker itself stays in thinking). ``answer_line``: a regex; the summary starts at the beginning of
-    the line holding the first match. ``last_paragraph``: with no marker, the last paragraph is the summary.
+    match (the marker itself stays in thinking). ``answer_line``: a regex; the summary starts at the later of the
+    beginning of the line and the beginning of the sentence holding the first match. ``last_paragraph``: with no marker, the last paragraph is the summary.
     ``max_marker_chars`` bounds how far back a streaming matcher must look.
     """
 

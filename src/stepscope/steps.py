@@ -84,10 +84,12 @@ class ResponsePlan:
 def plan_response(text: str, response_start: int, profile: FormatProfile) -> ResponsePlan:
     end = len(text)
     summary_start, by_anchor, note = None, False, ""
+    think_end = end
     if profile.summary_after:
         m = re.compile(profile.summary_after).search(text, response_start)
         if m:
-            summary_start = m.end()
+            # the marker is glued to the last thinking step: no step starts inside it
+            summary_start, think_end = m.end(), m.start()
         else:
             note = f"no summary marker ({profile.summary_after}) in the response"
     elif profile.answer_line:
@@ -96,14 +98,16 @@ def plan_response(text: str, response_start: int, profile: FormatProfile) -> Res
         if m:
             line = text.rfind("\n", response_start, m.start()) + 1 or response_start
             line = max(line, response_start)
-            summary_start = _first_nonws(text, line, m.start() + 1)
+            # the later of the line start and the start of the sentence (step) holding the marker
+            line_anchor = _first_nonws(text, line, m.start() + 1)
+            before = piece_boundaries(text, response_start, m.start() + 1, THINKING_RULE)
+            summary_start = think_end = max([line_anchor] + before[-1:])
         elif profile.last_paragraph:
             breaks = paragraph_breaks(text, response_start, end)
             if breaks:
-                summary_start = breaks[-1]
+                summary_start = think_end = breaks[-1]
             else:
                 note = "no answer line and a single paragraph: no summary"
-    think_end = end if summary_start is None else summary_start
     thinking = piece_boundaries(text, response_start, think_end, THINKING_RULE)
     summary: list[int] = []
     if summary_start is not None:

@@ -91,6 +91,7 @@ class StepTracker:
         ) else None
         self._tail = ""
         self._switch_at: int | None = None  # live: tokens starting here or later are summary
+        self._marker_start: int | None = None  # marker characters start no step (glued to the step before)
         self._final_summary: int | None = None  # plain profile: anchor position where the summary starts
         # recent lines as [start, first non-whitespace position]; the last entry is the current line
         self._lines: deque[list] = deque([[self._pos, None]], maxlen=16)
@@ -118,7 +119,9 @@ class StepTracker:
         if step is None:
             step = self._count(segment, anchor)
         if self._pending_line is not None:
-            self._final_summary = next(a for ls, a in reversed(self._lines) if ls <= self._pending_line)
+            line_anchor = next(a for ls, a in reversed(self._lines) if ls <= self._pending_line)
+            k = bisect.bisect_right(self._thinking.bounds, self._pending_line)
+            self._final_summary = max([line_anchor] + self._thinking.bounds[max(0, k - 1) : k])
             self._pending_line = None
         self._pos = start + len(text)
         self._starts.append(start)
@@ -133,10 +136,9 @@ class StepTracker:
         return bisect.bisect_right(machine.bounds, anchor)
 
     def _feed(self, pos: int, ch: str) -> None:
-        in_summary = self._switch_at is not None and pos >= self._switch_at
-        if in_summary:
+        if self._switch_at is not None and pos >= self._switch_at:
             self._summary.feed(pos, ch)
-        else:
+        elif self._marker_start is None or pos < self._marker_start:
             self._thinking.feed(pos, ch)
         self._paragraphs.feed(pos, ch)
         if ch == "\n":
@@ -155,6 +157,8 @@ class StepTracker:
             self._tail = self._tail[-keep:]
             return
         self._switch_at = tail_start + m.end()
+        if self.profile.summary_after:  # a closing marker is glued to the last thinking step
+            self._marker_start = tail_start + m.start()
         self._summary = _PieceMachine(SUMMARY_RULE)
         if self.profile.answer_line:
             self._pending_line = tail_start + m.start()  # resolved once this token's characters are fed
@@ -179,6 +183,8 @@ class StepTracker:
                 summary_bounds = [b for b in self._paragraphs.bounds if b > summary_start]
         elif summary_start is None and self.profile.summary_after:
             note = f"no summary marker ({self.profile.summary_after}) in the response"
+        else:  # a marker split over tokens may have started a step before it was recognised
+            thinking_bounds = [b for b in thinking_bounds if b < self._marker_start]
         labels = []
         for start, anchor in zip(self._starts, self._anchors):
             if summary_start is None:

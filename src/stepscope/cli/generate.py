@@ -1,0 +1,37 @@
+"""``stepscope generate``: segmented reasoning traces of a model."""
+
+from __future__ import annotations
+
+from .common import (add_generation_args, add_model_args, add_out_arg, add_question_args, load_model_from_args,
+                     questions_from_args, with_instruction)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate and segment reasoning traces",
+                       description="Generate a response to each question and print it segmented into the "
+                       "question, numbered thinking steps and the summary; traces are written as JSON.")
+    add_model_args(p)
+    add_question_args(p)
+    add_generation_args(p)
+    add_out_arg(p, "runs/generate")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..generation import generate
+
+    questions = questions_from_args(args)
+    model, tok = load_model_from_args(args)
+    prompts = with_instruction(questions, tok, args.profile, args.no_instruction)
+    stepflow = None
+    traces = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, profile=args.profile,
+                      stepflow=stepflow)
+    out = args.out / "traces"
+    for i, t in enumerate(traces):
+        path = t.save(out / f"trace_{i:04d}.json")
+        print(f"== trace {i} ({len(t)} tokens, {t.meta.get('new_tokens')} generated, stop: {t.meta.get('stop')})"
+              f" -> {path}")
+        print(t.pretty())
+        print()
+    return 0
