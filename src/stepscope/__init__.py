@@ -4,6 +4,7 @@ from .errors import StepscopeError
 from .generation import generate
 from .models import load_model
 from .profiles import PROFILES, FormatProfile, get_profile
+from .saliency import StepSaliency, step_saliency
 from .trace import Step, Trace
 
 __version__ = "0.1.0"
@@ -12,9 +13,11 @@ __all__ = [
     "FormatProfile",
     "PROFILES",
     "Step",
+    "StepSaliency",
     "StepscopeError",
     "Trace",
     "generate",
     "get_profile",
     "load_model",
+    "step_saliency",
 ]

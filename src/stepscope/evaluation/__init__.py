@@ -1,0 +1,28 @@
+"""Evaluation building blocks: benchmark problems, answer grading, statistics (see SPEC section 4)."""
+
+from .datasets import (
+    DATASETS,
+    DatasetSpec,
+    Problem,
+    build_user_message,
+    load_problems,
+    load_problems_from_file,
+    parse_indices,
+    parse_rg_params,
+)
+from .graders import Grade, extract_answer, grade, grade_many
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "Grade",
+    "Problem",
+    "build_user_message",
+    "extract_answer",
+    "grade",
+    "grade_many",
+    "load_problems",
+    "load_problems_from_file",
+    "parse_indices",
+    "parse_rg_params",
+]

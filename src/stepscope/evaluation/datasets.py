@@ -1,0 +1,510 @@
+"""Benchmark problems: a registry of sets as data, offline/hub loading, reasoning-gym tasks, prompts.
+
+Offline copies are read from a user-given directory (``--data-dir`` or ``STEPSCOPE_DATA_DIR``) holding one
+``<folder>/test.jsonl`` per set; they are never copied into this package. Without a directory the same sets
+load from the Hugging Face hub through the optional ``datasets`` package.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..errors import StepscopeError
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "GRADERS",
+    "INSTRUCTIONS",
+    "DatasetSpec",
+    "Problem",
+    "build_user_message",
+    "load_problems",
+    "load_problems_from_file",
+    "parse_indices",
+    "parse_rg_params",
+]
+
+DATA_DIR_ENV = "STEPSCOPE_DATA_DIR"
+GRADERS = ("math", "choice", "exact", "code", "rg")
+RG_PREFIX = "rg:"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark item: the bare question, the gold answer (test code for code tasks), how to grade it."""
+
+    id: str
+    question: str
+    answer: str
+    grader: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a benchmark lives and how its rows map onto :class:`Problem` (data, not code).
+
+    ``question_field`` may name several candidates; the first present in a row is used (the hub and the
+    offline copy of a set do not always agree). ``answer_format`` and ``row_adapter`` name entries of small
+    tables below. ``offline_dir`` is the folder under the data directory, or None for hub-only sets.
+    """
+
+    name: str
+    hub_id: str
+    hub_config: str | tuple[str, ...] | None
+    split: str
+    question_field: str | tuple[str, ...]
+    answer_field: str
+    id_field: str | None
+    grader: str
+    offline_dir: str | None
+    answer_format: str = "text"
+    meta_fields: tuple[str, ...] = ()
+    numeric: bool = False
+    row_adapter: str | None = None
+    hub_kwargs: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("gsm8k", "openai/gsm8k", "main", "test", "question", "answer", "idx", "math", "gsm8k",
+                    answer_format="gsm8k", numeric=True, description="grade-school math, 1319 problems"),
+        DatasetSpec("math500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id", "math",
+                    "math500", meta_fields=("subject", "level"), description="MATH-500 competition math"),
+        DatasetSpec("aime24", "HuggingFaceH4/aime_2024", None, "train", ("problem", "question"), "answer", "id",
+                    "math", "aime24", numeric=True, meta_fields=("url",), description="AIME 2024 I and II"),
+        DatasetSpec("aime25", "opencompass/AIME2025", ("AIME2025-I", "AIME2025-II"), "test",
+                    ("problem", "question"), "answer", None, "math", "aime25", numeric=True,
+                    description="AIME 2025 I and II"),
+        DatasetSpec("amc23", "math-ai/amc23", None, "test", ("problem", "question"), "answer", "id", "math",
+                    "amc23", answer_format="number", numeric=True, meta_fields=("url",),
+                    description="AMC 12 2023"),
+        DatasetSpec("gpqa_diamond", "Idavidrein/gpqa", "gpqa_diamond", "train", "question", "answer", None,
+                    "choice", "gpqa_diamond", row_adapter="gpqa",
+                    description="GPQA-Diamond, four-option science questions"),
+        DatasetSpec("humaneval", "openai/openai_humaneval", None, "test", "prompt", "test", "task_id", "code",
+                    "humaneval", meta_fields=("entry_point", "canonical_solution"),
+                    description="HumanEval function completion, graded by its tests"),
+        DatasetSpec("livecodebench", "livecodebench/code_generation_lite", None, "test", "question_content",
+                    "private_test_cases", "question_id", "code", None, row_adapter="livecodebench",
+                    hub_kwargs=(("version_tag", "release_v5"),),
+                    description="LiveCodeBench code generation (hub only)"),
+    )
+}
+
+
+# --- answers and rows -------------------------------------------------------------------------------
+
+
+def _number_text(value: Any) -> str:
+    """27.0 -> '27', 2.5 -> '2.5', '27.0' -> '27'; anything else as text."""
+    try:
+        number = float(str(value).replace(",", "").strip())
+    except ValueError:
+        return str(value).strip()
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return repr(number)
+
+
+def _gsm8k_answer(value: Any) -> str:
+    """The number after ``####`` in a worked solution, commas removed."""
+    text = str(value)
+    tail = text.rsplit("####", 1)[-1] if "####" in text else text.strip().splitlines()[-1]
+    return tail.strip().replace(",", "").rstrip(".")
+
+
+_ANSWER_FORMATS: dict[str, Callable[[Any], str]] = {
+    "text": lambda value: str(value).strip(),
+    "number": _number_text,
+    "gsm8k": _gsm8k_answer,
+}
+
+
+def _gpqa_row(row: dict, index: int) -> dict:
+    """Hub GPQA rows hold the correct and three wrong options apart: shuffle them into A-D, stably."""
+    if "Correct Answer" not in row:
+        return row
+    options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+    order = list(range(4))
+    random.Random(f"gpqa_diamond/{index}").shuffle(order)
+    letters = "ABCD"
+    lines = [f"{letters[pos]}) {str(options[k]).strip()}" for pos, k in enumerate(order)]
+    question = str(row["Question"]).strip() + "\n\n" + "\n".join(lines)
+    return {"question": question, "answer": letters[order.index(0)]}
+
+
+def _livecodebench_row(row: dict, index: int) -> dict:
+    """Build the prompt from statement and starter code; keep the encoded tests for the sandboxed harness."""
+    starter = (row.get("starter_code") or "").strip()
+    question = str(row.get("question_content", "")).strip()
+    if starter:
+        question += f"\n\nUse this starter code:\n```python\n{starter}\n```"
+    try:
+        public = json.loads(row.get("public_test_cases") or "[]")
+    except (TypeError, ValueError):
+        public = []
+    functional = bool(public) and public[0].get("testtype") == "functional"
+    try:
+        fn_name = json.loads(row.get("metadata") or "{}").get("func_name")
+    except (TypeError, ValueError, AttributeError):
+        fn_name = None
+    tests = {
+        "public": row.get("public_test_cases") or "[]",
+        "private": row.get("private_test_cases") or "",
+        "fn_name": fn_name,
+    }
+    return {
+        "question_content": question,
+        "private_test_cases": json.dumps(tests),
+        "question_id": row.get("question_id", index),
+        "harness": "functional" if functional else "stdio",
+        "prompt_kind": "code" if functional else "code_stdio",
+        "platform": row.get("platform"),
+        "difficulty": row.get("difficulty"),
+        "contest_date": str(row.get("contest_date", "")),
+    }
+
+
+_ROW_ADAPTERS: dict[str, Callable[[dict, int], dict]] = {"gpqa": _gpqa_row, "livecodebench": _livecodebench_row}
+_ADAPTER_META: dict[str, tuple[str, ...]] = {
+    "livecodebench": ("harness", "prompt_kind", "platform", "difficulty", "contest_date"),
+}
+
+
+def _pick_field(row: Mapping, candidates: str | tuple[str, ...], what: str, where: str) -> Any:
+    names = (candidates,) if isinstance(candidates, str) else candidates
+    for name in names:
+        if name in row:
+            return row[name]
+    raise StepscopeError(
+        f"{where} has no {what} field {' or '.join(map(repr, names))} (fields: {', '.join(map(str, row))}); "
+        "check the file or pass the right field name"
+    )
+
+
+def _problem_from_row(spec: DatasetSpec, row: dict, index: int, where: str) -> Problem:
+    if spec.row_adapter:
+        row = _ROW_ADAPTERS[spec.row_adapter](row, index)
+    question = str(_pick_field(row, spec.question_field, "question", where))
+    answer = _ANSWER_FORMATS[spec.answer_format](_pick_field(row, spec.answer_field, "answer", where))
+    meta: dict[str, Any] = {"dataset": spec.name, "index": index}
+    if spec.numeric:
+        meta["numeric"] = True
+    if spec.id_field and spec.id_field in row:
+        meta["source_id"] = row[spec.id_field]
+    for name in spec.meta_fields + _ADAPTER_META.get(spec.row_adapter or "", ()):
+        if name in row:
+            meta[name] = row[name]
+    return Problem(f"{spec.name}/{index}", question, answer, spec.grader, meta)
+
+
+# --- selection ----------------------------------------------------------------------------------------
+
+
+def parse_indices(text: str) -> list[int]:
+    """Parse a CLI index list like ``"0-4,17,20"`` into ``[0, 1, 2, 3, 4, 17, 20]``."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise StepscopeError(f"bad index {part!r}: write indices like 0-4,17,20")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) else lo
+        if hi < lo:
+            raise StepscopeError(f"bad index range {part!r}: the end must not be below the start")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def _check_selection(count: int, limit: int | None, indices: Sequence[int] | None, what: str) -> list[int]:
+    """Row numbers to keep: ``indices`` (validated) or all rows, then the first ``limit`` of them."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise StepscopeError(f"--limit must be a positive whole number, got {limit!r}")
+    if indices is None:
+        rows = list(range(count))
+    else:
+        rows = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise StepscopeError(f"problem indices must be whole numbers, got {i!r}")
+            if not 0 <= i < count:
+                raise StepscopeError(
+                    f"index {i} is out of range: {what} has {count} problems (indices 0..{count - 1})"
+                )
+            rows.append(i)
+        if len(set(rows)) != len(rows):
+            raise StepscopeError("problem indices repeat; list each index once")
+    return rows[:limit] if limit is not None else rows
+
+
+def _select(rows: Sequence[Any], limit: int | None, indices: Sequence[int] | None, what: str) -> list[tuple[int, Any]]:
+    return [(i, rows[i]) for i in _check_selection(len(rows), limit, indices, what)]
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line, with a clear error naming a bad line."""
+    if not path.is_file():
+        raise StepscopeError(f"no such file: {path}; check the path")
+    rows: list[tuple[int, dict]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StepscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise StepscopeError(f"{path}:{lineno} is not a JSON object; write one object per line")
+            rows.append((lineno, obj))
+    return rows
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or None
+    return Path(data_dir).expanduser() if data_dir is not None else None
+
+
+def _load_hub_rows(spec: DatasetSpec) -> list[dict]:
+    """All rows of a set from the Hugging Face hub (needs the optional ``datasets`` package)."""
+    try:
+        import datasets  # noqa: PLC0415 - optional, only for online use
+    except ImportError:
+        raise StepscopeError(
+            f"no data directory for {spec.name}: pass --data-dir DIR (a folder with {spec.offline_dir or spec.name}/"
+            f"test.jsonl) or set {DATA_DIR_ENV}, or install the `datasets` package to load {spec.hub_id} from the hub"
+        ) from None
+    configs = spec.hub_config if isinstance(spec.hub_config, tuple) else (spec.hub_config,)
+    rows: list[dict] = []
+    try:
+        for config in configs:
+            ds = datasets.load_dataset(spec.hub_id, config, split=spec.split, **dict(spec.hub_kwargs))
+            rows.extend(dict(r) for r in ds)
+    except Exception as exc:  # the hub raises many types; all mean "could not load"
+        hint = "" if spec.offline_dir is None else f", or pass --data-dir DIR with an offline {spec.offline_dir}/test.jsonl"
+        raise StepscopeError(
+            f"could not load {spec.hub_id} from the hub ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+            f"; check the network and hub access{hint}"
+        ) from None
+    return rows
+
+
+def _unknown_dataset(name: str) -> StepscopeError:
+    close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return StepscopeError(
+        f"unknown dataset {name!r}{hint}; choose one of {', '.join(DATASETS)}, rg:<task> for a reasoning-gym "
+        "task, or a JSONL file of your own"
+    )
+
+
+def load_problems(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    indices: Sequence[int] | None = None,
+    rg_params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    size: int | None = None,
+) -> list[Problem]:
+    """Load a named benchmark (offline from ``data_dir`` or the hub) or generate ``rg:<task>`` problems."""
+    if name.startswith(RG_PREFIX):
+        return _load_rg(name[len(RG_PREFIX):], rg_params or {}, seed, size, limit, indices)
+    if rg_params:
+        raise StepscopeError("--rg-param only applies to rg:<task> datasets; drop it for " + name)
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise _unknown_dataset(name)
+    directory = _resolve_data_dir(data_dir)
+    if directory is not None:
+        if spec.offline_dir is None:
+            raise StepscopeError(
+                f"{name} has no offline copy and needs the Hugging Face hub ({spec.hub_id}): run without "
+                f"--data-dir / {DATA_DIR_ENV}, with network access and the `datasets` package installed"
+            )
+        path = directory / spec.offline_dir / "test.jsonl"
+        if not path.is_file():
+            raise StepscopeError(
+                f"no offline copy of {name} at {path}; pass --data-dir DIR where DIR/{spec.offline_dir}/test.jsonl exists"
+            )
+        rows = _read_jsonl(path)
+        chosen = _select(rows, limit, indices, name)
+        return [_problem_from_row(spec, row, i, f"{path}:{lineno}") for i, (lineno, row) in chosen]
+    hub_rows = _load_hub_rows(spec)
+    chosen_hub = _select(hub_rows, limit, indices, name)
+    return [_problem_from_row(spec, row, i, f"{spec.hub_id} row {i}") for i, row in chosen_hub]
+
+
+def load_problems_from_file(
+    path: str | os.PathLike,
+    *,
+    question_field: str,
+    answer_field: str,
+    grader: str,
+    id_field: str | None = None,
+    limit: int | None = None,
+    indices: Sequence[int] | None = None,
+) -> list[Problem]:
+    """Load the user's own JSONL; fields other than question and answer are kept in ``meta``."""
+    if grader not in GRADERS:
+        raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    path = Path(path).expanduser()
+    rows = _read_jsonl(path)
+    if not rows:
+        raise StepscopeError(f"{path} holds no problems; write one JSON object per line")
+    problems = []
+    for i, (lineno, row) in _select(rows, limit, indices, str(path)):
+        where = f"{path}:{lineno}"
+        question = _pick_field(row, question_field, "question", where)
+        answer = _pick_field(row, answer_field, "answer", where)
+        if id_field is not None:
+            pid = str(_pick_field(row, id_field, "id", where))
+        else:
+            pid = f"{path.stem}/{i}"
+        meta = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
+        meta.update(dataset=path.stem, index=i)
+        answer_text = _number_text(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else str(answer)
+        problems.append(Problem(pid, str(question), answer_text, grader, meta))
+    if id_field is not None and len({p.id for p in problems}) != len(problems):
+        raise StepscopeError(f"ids in field {id_field!r} of {path} repeat; problem ids must be unique")
+    return problems
+
+
+# --- reasoning-gym ---------------------------------------------------------------------------------------
+
+
+def _convert_scalar(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, '[1, 2]' -> [1, 2]; other text stays text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    return text.strip()
+
+
+def parse_rg_params(items: Iterable[str]) -> dict[str, Any]:
+    """Turn CLI strings like ``min_terms=3`` or ``ops=+,-`` into keyword arguments for a task's config."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise StepscopeError(f"bad reasoning-gym parameter {item!r}: write KEY=VALUE, e.g. min_terms=3")
+        if key in params:
+            raise StepscopeError(f"reasoning-gym parameter {key!r} is given twice; give it once")
+        value = value.strip()
+        is_list = "," in value and not value.startswith(("[", "(", "{", '"', "'"))
+        params[key] = [_convert_scalar(v) for v in value.split(",")] if is_list else _convert_scalar(value)
+    return params
+
+
+def _rg_tasks() -> list[str]:
+    from reasoning_gym.factory import DATASETS as RG_DATASETS  # noqa: PLC0415 - heavy, on demand
+
+    return sorted(RG_DATASETS)
+
+
+def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, limit, indices) -> list[Problem]:
+    """Generate reasoning-gym problems offline; item i depends on the seed and i, not on ``size``."""
+    import reasoning_gym  # noqa: PLC0415
+
+    tasks = _rg_tasks()
+    if task not in tasks:
+        close = difflib.get_close_matches(task, tasks, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise StepscopeError(
+            f"unknown reasoning-gym task {task!r}{hint}; list the tasks with "
+            "python -c \"import reasoning_gym.factory as f; print(sorted(f.DATASETS))\""
+        )
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise StepscopeError(f"--size must be a positive whole number, got {size!r}")
+    if size is None:
+        size = max([100, limit or 0, *(i + 1 for i in (indices or []) if isinstance(i, int) and i >= 0)])
+    try:
+        dataset = reasoning_gym.create_dataset(task, seed=seed, size=size, **dict(params))
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise StepscopeError(
+            f"reasoning-gym task {task!r} rejected its parameters {dict(params)} ({type(exc).__name__}: {exc}); "
+            "see the task's config class for valid names and ranges"
+        ) from None
+    problems = []
+    for i in _check_selection(size, limit, indices, f"rg:{task} (size {size})"):
+        entry = dataset[i]
+        meta = {"dataset": f"rg:{task}", "index": i, "task": task, "entry": entry, "rg_params": dict(params),
+                "seed": seed, "size": size}
+        answer = entry.get("answer")
+        problems.append(Problem(f"rg:{task}/{i}", str(entry["question"]), "" if answer is None else str(answer),
+                                "rg", meta))
+    return problems
+
+
+# --- prompts ---------------------------------------------------------------------------------------------
+
+# Instruction appended to the question, by prompt style and problem kind (the grader, or meta["prompt_kind"]).
+_THINK_MATH = "Please reason step by step, and put your final answer within \\boxed{}."
+_PLAIN_MATH = ("Solve the problem step by step, one short sentence per step. "
+               "End with a last line of the form 'Final answer: <answer>'.")
+INSTRUCTIONS: dict[str, dict[str, str]] = {
+    "think": {
+        "math": _THINK_MATH,
+        "exact": _THINK_MATH,
+        "rg": _THINK_MATH,
+        "choice": "Please reason step by step, and put the letter of the correct option (A, B, C or D) "
+                  "within \\boxed{}.",
+        "code": "Please reason step by step, then write the complete Python function, with any imports it "
+                "needs, in a single ```python code block.",
+        "code_stdio": "Please reason step by step, then write a complete Python program that reads the input "
+                      "from standard input and writes the answer to standard output, in a single ```python "
+                      "code block.",
+    },
+    "plain": {
+        "math": _PLAIN_MATH,
+        "exact": _PLAIN_MATH,
+        "rg": _PLAIN_MATH,
+        "choice": "Solve the problem step by step, one short sentence per step. "
+                  "End with a last line of the form 'Final answer: <letter>'.",
+        "code": "Think step by step, one short sentence per step, then write the complete Python function "
+                "in a single ```python code block.",
+        "code_stdio": "Think step by step, one short sentence per step, then write a complete Python program "
+                      "that reads standard input and writes standard output, in a single ```python code block.",
+    },
+}
+PROFILE_STYLES: dict[str, str] = {"think": "think", "harmony": "think", "plain": "plain"}
+
+
+def build_user_message(problem: Problem, profile: Any) -> str:
+    """The user turn: the question plus the answer-format instruction for this model profile."""
+    profile_name = getattr(profile, "name", profile)
+    style = PROFILE_STYLES.get(profile_name)
+    if style is None:
+        raise StepscopeError(f"unknown prompt profile {profile_name!r}; choose one of {', '.join(PROFILE_STYLES)}")
+    kind = problem.meta.get("prompt_kind", problem.grader)
+    instruction = INSTRUCTIONS[style].get(kind) or INSTRUCTIONS[style].get(problem.grader)
+    if instruction is None:
+        raise StepscopeError(f"no prompt instruction for problems graded by {problem.grader!r}")
+    return f"{problem.question.rstrip()}\n\n{instruction}"

@@ -1,0 +1,71 @@
+"""``step_saliency``: the public entry point."""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import StepscopeError
+from ..trace import Trace
+from .engine import SaliencyOptions, compute_batch
+from .result import StepSaliency, causal_counts
+
+
+def step_saliency(
+    model,
+    tokenizer,
+    trace_or_traces: Trace | list[Trace],
+    *,
+    target: str = "all",
+    chunk_mb: float = 256.0,
+    batch_size: int = 1,
+    stepflow=None,
+    band_fraction: float = 0.25,
+    method: str = "auto",
+    progress: bool = True,
+) -> StepSaliency | list[StepSaliency]:
+    """Per-layer step-to-step saliency maps of one trace (or a list of traces).
+
+    ``target``: which next-token losses form L — ``"all"`` (every target token), ``"generated"`` (response
+    tokens) or ``"summary"`` (summary tokens). ``chunk_mb``: memory budget of one chunk of query rows.
+    ``batch_size``: traces computed together (left-padded). ``stepflow``: a ``StepFlowConfig`` to measure the
+    flow with StepFlow's edits on (teacher-forced). The model is left exactly as it was.
+    """
+    single = isinstance(trace_or_traces, Trace)
+    traces = [trace_or_traces] if single else list(trace_or_traces)
+    if not traces:
+        raise StepscopeError("no traces given")
+    for t in traces:
+        if not isinstance(t, Trace):
+            raise StepscopeError(f"expected stepscope.Trace objects, got {type(t).__name__}")
+        if len(t.steps) < 2:
+            raise StepscopeError(
+                f"the trace has {len(t.steps)} step(s) ({', '.join(t.labels) or 'none'}); Step-Saliency needs a "
+                "question and at least one response step — generate a longer response"
+            )
+    if batch_size < 1:
+        raise StepscopeError("batch_size must be at least 1")
+    opts = SaliencyOptions(target=target, chunk_mb=chunk_mb, method=method, progress=progress)
+    edit_factory = None
+    if stepflow is not None:
+        from ..stepflow.fullpass import saliency_edit_factory
+
+        edit_factory = saliency_edit_factory(model, tokenizer, stepflow, traces)
+    order = sorted(range(len(traces)), key=lambda i: len(traces[i]))
+    out: list[StepSaliency | None] = [None] * len(traces)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = [traces[i] for i in idx]
+        t0 = time.perf_counter()
+        factory = None if edit_factory is None else edit_factory(idx)
+        res = compute_batch(model, tokenizer, batch, opts, factory)
+        seconds = time.perf_counter() - t0
+        for k, i in enumerate(idx):
+            t = traces[i]
+            meta = {
+                "model": t.model, "question": t.question, "profile": t.profile, "tokens": len(t),
+                "prompt_len": t.prompt_len, "loss": res.loss[k], "target": target, "seconds": round(seconds, 3),
+                "stepflow": None if stepflow is None else stepflow.to_dict(), "trace_meta": t.meta,
+            }
+            out[i] = StepSaliency(res.sums[k].double().numpy(), causal_counts(t.steps), res.other[k].double().numpy(),
+                                  list(t.steps), meta, band_fraction)
+    return out[0] if single else out  # type: ignore[return-value]

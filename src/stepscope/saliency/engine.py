@@ -1,0 +1,268 @@
+"""Step-Saliency for a batch of traces: one forward, then a layer-by-layer backward with recomputation.
+
+Layer-wise (the default for known families): a no-grad forward keeps each decoder layer's input (B x T x d) and
+call arguments; the loss is computed in row chunks through the final norm and LM head (no T x vocab logits); then
+from the top layer down each layer is recomputed with gradients, its input gradient is propagated, and its
+attention saliency is rebuilt chunk by chunk from the saved Q/K/V and dL/dO (see :mod:`.pool`). Parameters get no
+gradients. Peak memory is one layer's activations plus a chunk.
+
+Whole-model (fallback for unknown layouts): one forward with autograd, saliency computed in each layer's
+gradient hook during the backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.dispatch import install
+from ..errors import StepscopeError, UnsupportedModelError
+from ..families import decoder_layers, family_facts, final_norm, postprocess_logits
+from ..generation import left_pad, positions
+from ..trace import Trace
+from .capture import Capture, LayerRecord
+from .pool import StepIndex, layer_step_sums
+
+TARGETS = ("all", "generated", "summary")
+
+
+@dataclass(frozen=True)
+class SaliencyOptions:
+    target: str = "all"  # which next-token losses make up L
+    chunk_mb: float = 256.0  # memory budget of one chunk of query rows
+    loss_chunk: int = 512  # rows of logits computed at once for the loss
+    method: str = "auto"  # "layerwise", "whole" or "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise StepscopeError(f"unknown saliency target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.method not in ("auto", "layerwise", "whole"):
+            raise StepscopeError("method must be auto, layerwise or whole")
+        if self.chunk_mb <= 0:
+            raise StepscopeError("the chunk budget must be positive (MB)")
+
+
+@dataclass
+class BatchSums:
+    sums: list[torch.Tensor]  # per trace (L, S, S) float64
+    other: list[torch.Tensor]  # per trace (L, S)
+    loss: list[float]  # per trace mean cross-entropy
+
+
+def target_weights(traces: list[Trace], width: int, target: str, device) -> torch.Tensor:
+    """(B, width) weights of next-token losses at each (left-padded) position: 1/n on chosen targets."""
+    w = torch.zeros(len(traces), width, dtype=torch.float32)
+    for b, t in enumerate(traces):
+        n = len(t)
+        shift = width - n
+        seg = t.segment_ids()
+        chosen = []
+        for pos in range(n - 1):  # position pos predicts token pos + 1
+            nxt = pos + 1
+            if target == "generated" and nxt < t.prompt_len:
+                continue
+            if target == "summary" and seg[nxt] != 3:
+                continue
+            chosen.append(pos)
+        if not chosen:
+            raise StepscopeError(
+                f"trace {b} has no {target} tokens to take the loss over; use --target all"
+            )
+        w[b, [shift + p for p in chosen]] = 1.0 / len(chosen)
+    return w.to(device)
+
+
+def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, edit_factory=None) -> BatchSums:
+    device = next(model.parameters()).device
+    context = getattr(model.config, "max_position_embeddings", None)
+    for t in traces:
+        if context and len(t) > context:
+            raise StepscopeError(f"a trace of {len(t)} tokens is longer than the model's context ({context})")
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad([t.token_ids for t in traces], pad_id, device)
+    pos = positions(mask)
+    width = ids.shape[1]
+    weights = target_weights(traces, width, opts.target, device)
+    rows = []
+    for t in traces:
+        s = torch.full((width,), -1, dtype=torch.long)
+        s[width - len(t) :] = torch.from_numpy(t.step_ids())
+        rows.append(StepIndex(s.to(device), len(t.steps)))
+    n_layers = model.config.num_hidden_layers
+    method = opts.method
+    if method == "auto":
+        method = "layerwise" if family_facts(model) is not None else "whole"
+    edit = edit_factory(ids, mask) if edit_factory is not None else None
+    runner = _layerwise if method == "layerwise" else _whole
+    with _eval_mode(model):
+        return runner(model, ids, mask, pos, weights, rows, n_layers, opts, edit)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _finish(layer_sums, layer_other, n_layers, rows, losses) -> BatchSums:
+    sums, other = [], []
+    for b in range(len(rows)):
+        sums.append(torch.stack([layer_sums[l][b] for l in range(n_layers)]).cpu())
+        other.append(torch.stack([layer_other[l][b] for l in range(n_layers)]).cpu())
+    return BatchSums(sums, other, losses)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise StepscopeError(
+            f"non-finite values (NaN/inf) in {what}; the model overflows in {t.dtype} on this trace — "
+            "try --dtype float32"
+        )
+
+
+def _bar(total, enabled, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=not enabled or None)
+
+
+def _layer_kinds(model, capture: Capture, n_layers: int) -> None:
+    missing = sorted(set(range(n_layers)) - capture.seen)
+    if len(missing) == n_layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no layer called a softmax attention function through transformers' "
+            "AttentionInterface, so Step-Saliency (attention x gradient over softmax weights) is not defined"
+        )
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: layers {missing} do not use softmax attention through AttentionInterface "
+            "(linear/recurrent layers?); Step-Saliency needs softmax attention in every layer"
+        )
+
+
+def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
+    layers = decoder_layers(model)
+    inputs: dict[int, tuple] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            inputs[i] = (args, kwargs)
+
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, out):
+            outputs[i] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    capture = Capture(wanted=None)
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+        with install(model, capture, outermost=True), torch.no_grad():
+            model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    _layer_kinds(model, capture, n_layers)
+
+    def hidden(i):
+        args, kwargs = inputs[i]
+        return args[0] if args else kwargs["hidden_states"]
+
+    for i in range(n_layers - 1):
+        if hidden(i + 1) is not outputs[i]:  # something runs between layers: recomputation would be wrong
+            return _whole(model, ids, mask, pos, weights, rows, n_layers, opts, edit)
+
+    grad, losses = _loss_grad(model, outputs[n_layers - 1], ids, weights, opts.loss_chunk)
+    del outputs
+    layer_sums, layer_other = {}, {}
+    capture = Capture(wanted=set())
+    bar = _bar(n_layers, opts.progress, "step-saliency")
+    with install(model, capture, outermost=True):
+        for i in reversed(range(n_layers)):
+            args, kwargs = inputs.pop(i)
+            h = hidden_input = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            new_args = (h,) + tuple(args[1:]) if args else args
+            new_kwargs = kwargs if args else dict(kwargs, hidden_states=h)
+            capture.wanted, capture.records = {i}, {}
+            with torch.enable_grad():
+                out = layers[i](*new_args, **new_kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                (grad,) = torch.autograd.grad(out, hidden_input, grad_outputs=grad)
+            rec = capture.records.get(i)
+            if rec is None or rec.grad_out is None:
+                raise UnsupportedModelError(f"layer {i} of {type(model).__name__} gave no attention gradient")
+            _check_finite(rec.grad_out, f"the attention-output gradient of layer {i}")
+            layer_sums[i], layer_other[i] = layer_step_sums(
+                rec.call, rec.grad_out, rows, budget_mb=opts.chunk_mb, edit=_bind(edit, i)
+            )
+            del rec, out, h
+            bar.update(1)
+    bar.close()
+    return _finish(layer_sums, layer_other, n_layers, rows, losses)
+
+
+def _bind(edit, layer):
+    return None if edit is None else edit(layer)
+
+
+def _loss_grad(model, h_last, ids, weights, loss_chunk):
+    """dL/dh of the last layer's output, computing logits a chunk of positions at a time."""
+    norm = final_norm(model)
+    head = model.get_output_embeddings()
+    grad = torch.zeros_like(h_last)
+    B, T = ids.shape
+    losses = [0.0] * B
+    for b in range(B):
+        cols = torch.nonzero(weights[b]).flatten()
+        for c0 in range(0, cols.numel(), loss_chunk):
+            sel = cols[c0 : c0 + loss_chunk]
+            h = h_last[b, sel].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = postprocess_logits(model, head(norm(h))).float()
+                _check_finite(logits, "the logits")
+                ce = torch.nn.functional.cross_entropy(logits, ids[b, sel + 1], reduction="none")
+                loss = (ce * weights[b, sel]).sum()
+                (g,) = torch.autograd.grad(loss, h)
+            grad[b, sel] = g
+            losses[b] += float(loss)
+    return grad, losses
+
+
+def _whole(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
+    layer_sums, layer_other = {}, {}
+    bar = _bar(n_layers, opts.progress, "step-saliency")
+
+    def on_grad(layer, rec: LayerRecord):
+        _check_finite(rec.grad_out, f"the attention-output gradient of layer {layer}")
+        layer_sums[layer], layer_other[layer] = layer_step_sums(
+            rec.call, rec.grad_out, rows, budget_mb=opts.chunk_mb, edit=_bind(edit, layer)
+        )
+        rec.call = None  # free Q/K/V of this layer as soon as it is pooled
+        bar.update(1)
+
+    capture = Capture(wanted=set(range(n_layers)), on_grad=on_grad)
+    with install(model, capture, outermost=True):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            per_row = (ce * weights[:, :-1]).sum(-1)
+            _check_finite(per_row, "the loss")
+            torch.autograd.grad(per_row.sum(), embeds)
+    bar.close()
+    _layer_kinds(model, capture, n_layers)
+    return _finish(layer_sums, layer_other, n_layers, rows, [float(x) for x in per_row])

@@ -1,0 +1,136 @@
+"""Failure-pattern metrics read off per-layer step maps (definitions in docs/saliency.md).
+
+All shares are of the *sum* map F, with each query step's incoming saliency restricted to step keys j <= i
+(tokens in no step, such as the attention-sink first token, are left out; their share is ``sink_share``).
+Per-step shares are averaged over the steps they are defined for, each step weighing the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..trace import Step
+
+METRICS = (
+    "question_reach",
+    "local_share",
+    "summary_thinking_share",
+    "summary_recency_share",
+    "thinking_block",
+    "summary_block",
+    "sink_share",
+)
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Shallow = the bottom ``fraction`` of layers, deep = the top ``fraction`` (both rounded up)."""
+
+    num_layers: int
+    fraction: float = 0.25
+
+    @property
+    def size(self) -> int:
+        return max(1, math.ceil(self.num_layers * self.fraction))
+
+    @property
+    def shallow(self) -> range:
+        return range(0, self.size)
+
+    @property
+    def deep(self) -> range:
+        return range(self.num_layers - self.size, self.num_layers)
+
+    def describe(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "fraction": self.fraction,
+            "shallow": [self.shallow.start, self.shallow.stop - 1],
+            "deep": [self.deep.start, self.deep.stop - 1],
+        }
+
+
+def _kind_index(steps: list[Step], kind: str) -> list[int]:
+    return [i for i, s in enumerate(steps) if s.kind == kind]
+
+
+def _incoming(sums: np.ndarray, i: int) -> np.ndarray:
+    """(L,) total saliency from step i into steps j <= i."""
+    return sums[:, i, : i + 1].sum(-1)
+
+
+def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def compute_metrics(
+    sums: np.ndarray, counts: np.ndarray, other: np.ndarray, steps: list[Step]
+) -> tuple[dict[str, np.ndarray | None], dict[str, str]]:
+    """Per-layer metrics and, for those that cannot be computed, the reason."""
+    q = _kind_index(steps, "question")
+    th = _kind_index(steps, "thinking")
+    su = _kind_index(steps, "summary")
+    out: dict[str, np.ndarray | None] = {}
+    why: dict[str, str] = {}
+
+    def missing(name, reason):
+        out[name] = None
+        why[name] = reason
+
+    if not th:
+        missing("question_reach", "the trace has no thinking steps")
+    elif not q:
+        missing("question_reach", "the trace has no question step")
+    else:
+        shares = [_share(sums[:, i, q[0]], _incoming(sums, i)) for i in th]
+        out["question_reach"] = np.nanmean(np.stack(shares), axis=0)
+
+    if len(th) < 2:
+        missing("local_share", "needs at least two thinking steps")
+    else:
+        shares = [_share(sums[:, i, i] + sums[:, i, i - 1], _incoming(sums, i)) for i in th[1:]]
+        out["local_share"] = np.nanmean(np.stack(shares), axis=0)
+
+    if not su:
+        for name in ("summary_thinking_share", "summary_recency_share", "summary_block"):
+            missing(name, "the trace has no summary")
+    else:
+        total = sum(_incoming(sums, i) for i in su)
+        if not th:
+            missing("summary_thinking_share", "the trace has no thinking steps")
+        else:
+            from_thinking = sum(sums[:, i, th].sum(-1) for i in su)
+            out["summary_thinking_share"] = _share(from_thinking, total)
+        recent = th[-2:]
+        from_recent = sum(sums[:, i, [j for j in su if j <= i] + recent].sum(-1) for i in su)
+        out["summary_recency_share"] = _share(from_recent, total)
+        out["summary_block"] = _block_mean(sums, counts, su)
+    if not th:
+        missing("thinking_block", "the trace has no thinking steps")
+    else:
+        out["thinking_block"] = _block_mean(sums, counts, th)
+
+    all_in = sums.sum(axis=(1, 2)) + other.sum(-1)
+    out["sink_share"] = _share(other.sum(-1), all_in)
+    return out, why
+
+
+def _block_mean(sums: np.ndarray, counts: np.ndarray, idx: list[int]) -> np.ndarray:
+    """Mean of the mean map F/N over the block idx x idx, causally valid entries only."""
+    block_s = sums[:, idx][:, :, idx]
+    block_n = counts[np.ix_(idx, idx)]
+    valid = block_n > 0
+    means = block_s[:, valid] / block_n[valid]
+    return means.mean(-1)
+
+
+def band_mean(values: np.ndarray | None, band: range) -> float | None:
+    if values is None:
+        return None
+    v = values[band.start : band.stop]
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else None

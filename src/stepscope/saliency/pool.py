@@ -1,0 +1,101 @@
+"""Per-layer Step-Saliency from one layer's saved attention inputs and output gradient, pooled on the fly.
+
+For a layer, ``I[t, k] = mean_h |A[h,t,k] * G[h,t,k]|`` with ``G = dO V^T`` (since ``O = A V``). Rows are
+processed ``chunk`` query positions at a time against only the keys they can see, and each chunk is pooled into
+step x step sums at once, so nothing of size T x T per head is ever kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..attention.dispatch import AttentionCall
+from ..attention.scores import compute_dtype, group_queries, key_range, logits_block, probabilities, ungroup
+from ..errors import StepscopeError
+
+# Called as edit(b, q0, q1, k0, k1, probs) -> probs, to apply an attention edit (OEB) before saliency.
+ProbEdit = Callable[[int, int, int, int, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepIndex:
+    """Step ids of a row's tokens (``-1``: in no step) and the number of steps."""
+
+    ids: torch.Tensor  # (T,) long, on the model's device
+    n_steps: int
+
+
+def rows_per_chunk(heads: int, keys: int, budget_mb: float) -> int:
+    """Query rows per chunk so that the chunk's working tensors (about 3 x heads x rows x keys floats) fit."""
+    per_row = 3 * heads * max(keys, 1) * 4
+    rows = int(budget_mb * 2**20 // per_row)
+    if rows < 1:
+        need = per_row / 2**20
+        raise StepscopeError(
+            f"a chunk budget of {budget_mb} MB cannot hold one query row of a {keys}-token trace "
+            f"({heads} heads); use at least {need:.3g} MB (--chunk-mb)"
+        )
+    return rows
+
+
+def layer_step_sums(
+    call: AttentionCall,
+    grad_out: torch.Tensor,
+    rows: list[StepIndex],
+    *,
+    budget_mb: float = 256,
+    edit: ProbEdit | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pooled saliency of one layer for each batch row.
+
+    ``grad_out``: dL/dO as the attention function returned it, (B, T, H, D). Returns, per row, the (S, S) sums
+    and the (S,) saliency each step sends to tokens in no step (the attention-sink first token), in float64.
+    """
+    with torch.no_grad():
+        return _layer_step_sums(call, grad_out, rows, budget_mb, edit)
+
+
+def _layer_step_sums(call, grad_out, rows, budget_mb, edit):
+    B, H, T, D = call.query.shape
+    q_offset = call.key.shape[2] - T
+    dO = grad_out.transpose(1, 2)  # (B, H, T, D)
+    chunk = rows_per_chunk(H, call.key.shape[2], budget_mb)
+    sums, other = [], []
+    for b, idx in enumerate(rows):
+        S = idx.n_steps
+        acc = torch.zeros(S + 1, S + 1, dtype=torch.float64, device=call.query.device)
+        key_ids = torch.where(idx.ids < 0, S, idx.ids)  # column S collects keys in no step
+        valid = (idx.ids[q_offset:] >= 0).nonzero()
+        if valid.numel():
+            first, last = int(valid[0]), int(valid[-1]) + 1
+            for q0 in range(first, last, chunk):
+                q1 = min(q0 + chunk, last)
+                _chunk_into(call, dO, b, q0, q1, q_offset, idx.ids, key_ids, acc, edit)
+        sums.append(acc[:S, :S])
+        other.append(acc[:S, S])
+    return sums, other
+
+
+def _chunk_into(call, dO, b, q0, q1, q_offset, step_ids, key_ids, acc, edit) -> None:
+    k0, k1 = key_range(call, q0, q1, q_offset)
+    probs = probabilities(call, logits_block(call, b, q0, q1, k0, k1, q_offset))  # (H, c, kl)
+    if edit is not None:
+        probs = edit(b, q0, q1, k0, k1, probs)
+    H = probs.shape[0]
+    v = compute_dtype(call.value[b, :, k0:k1])  # (H_kv, kl, D)
+    g = ungroup(group_queries(compute_dtype(dO[b, :, q0:q1]), v.shape[0]) @ v.transpose(-1, -2), H)  # dL/dA
+    probs.mul_(g.abs_())
+    sal = probs.sum(0).div_(H)  # (c, kl): head mean of |A * G|
+    # rows: steps are contiguous, so a chunk holds a few runs of equal query step
+    q_ids = step_ids[q_offset + q0 : q_offset + q1]
+    change = torch.nonzero(q_ids[1:] != q_ids[:-1]).flatten() + 1
+    bounds = [0] + change.tolist() + [q1 - q0]
+    cols = key_ids[k0:k1]
+    for r0, r1 in zip(bounds[:-1], bounds[1:]):
+        i = int(q_ids[r0])
+        if i < 0:
+            continue
+        acc[i].index_add_(0, cols, sal[r0:r1].sum(0, dtype=torch.float64))

@@ -1,0 +1,288 @@
+"""Answer extraction and grading, organised by behaviour; the batch survives bad samples."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from stepscope.errors import StepscopeError
+from stepscope.evaluation import graders
+from stepscope.evaluation.datasets import Problem, load_problems
+from stepscope.evaluation.graders import Grade, extract_answer, grade, grade_many
+
+DATA_DIR = Path(os.environ.get("STEPSCOPE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+needs_data = pytest.mark.skipif(not (DATA_DIR / "humaneval" / "test.jsonl").is_file(), reason="offline data not here")
+
+
+def math_problem(answer: str, **meta) -> Problem:
+    return Problem("m/0", "q", answer, "math", meta)
+
+
+def choice_problem(answer: str = "B") -> Problem:
+    return Problem("c/0", "q", answer, "choice", {})
+
+
+ADD_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+ADD = Problem("h/0", "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", ADD_TESTS, "code", {"entry_point": "add"})
+GOOD_ADD = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```"
+
+
+# --- math extraction ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+        ("first \\boxed{3}, then \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
+        ("\\boxed{7} and a broken \\boxed{8", "7"),
+        ("Step 1. Add.\nFinal answer: $42$.", "42"),
+        ("Thus the answer is 3/4.", "3/4"),
+        ("We get 12 apples and then 1,250 pears", "1250"),
+        ("<think>maybe \\boxed{1}</think> The result is \\boxed{2}.", "2"),
+        ("<think>so \\boxed{5}</think> I am not sure.", "5"),
+        ("no digits here", None),
+    ],
+)
+def test_math_extraction(response, expected):
+    assert extract_answer(math_problem("0"), response) == expected
+
+
+# --- math grading -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gold,response",
+    [
+        ("\\frac{1}{2}", "\\boxed{0.5}"),
+        ("0.5", "\\boxed{\\frac{1}{2}}"),
+        ("27.0", "Final answer: 27"),
+        ("27", "\\boxed{27.0}"),
+        ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3, \\frac{\\pi}{2})}"),
+        ("2\\sqrt{5}", "\\boxed{\\sqrt{20}}"),
+    ],
+)
+def test_equivalent_math_answers_are_right(gold, response):
+    result = grade(math_problem(gold), response)
+    assert result.correct, result
+
+
+@pytest.mark.parametrize(
+    "gold,response",
+    [("\\frac{1}{2}", "\\boxed{0.25}"), ("27", "\\boxed{28}"), ("27", "Final answer: 270"), ("5", "no answer")],
+)
+def test_wrong_math_answers_are_wrong(gold, response):
+    assert not grade(math_problem(gold), response).correct
+
+
+def test_numeric_sets_also_compare_numbers():
+    # Math-Verify reads '18 dollars' as a product of symbols; gsm8k-style sets compare the number as well.
+    assert grade(math_problem("18", numeric=True), "Final answer: $18 dollars").correct
+    assert grade(math_problem("18", numeric=True), "Final answer: $18 dollars").detail == "numeric"
+    assert not grade(math_problem("18"), "Final answer: $18 dollars").correct
+    assert not grade(math_problem("18", numeric=True), "Final answer: 19 dollars").correct
+
+
+def test_gold_goes_first_into_math_verify(monkeypatch):
+    import math_verify
+
+    seen = []
+    real_verify = math_verify.verify
+
+    def spy(gold, target, **kwargs):
+        seen.append((gold[-1], target[-1]))
+        return real_verify(gold, target, **kwargs)
+
+    monkeypatch.setattr(math_verify, "verify", spy)
+    grade(math_problem("27.0"), "\\boxed{27}")
+    assert seen == [("27.0", "27")]
+
+
+def test_math_grading_works_off_the_main_thread():
+    # Math-Verify's signal-based timeout raises off the main thread; grade() must still work there.
+    out: list[Grade] = []
+    worker = threading.Thread(target=lambda: out.append(grade(math_problem("\\frac{1}{2}"), "\\boxed{0.5}")))
+    worker.start()
+    worker.join()
+    assert out and out[0].correct
+
+
+# --- choices -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response,letter",
+    [
+        ("I pick (B) since it fits.", "B"),
+        ("answer: b", "B"),
+        ("The correct one is **B**.", "B"),
+        ("Therefore \\boxed{C}", "C"),
+        ("so \\boxed{\\text{(D)}}", "D"),
+        ("Final answer: D", "D"),
+        ("The answer is a bit subtle.\nFinal answer: (A)", "A"),
+        ("Options (A) and (C) fail, so the answer is B.", "B"),
+        ("<think>maybe (A)</think>\n**C**", "C"),
+        ("C", "C"),
+        ("I cannot decide.", None),
+    ],
+)
+def test_choice_extraction(response, letter):
+    assert extract_answer(choice_problem(), response) == letter
+
+
+def test_choice_grading_compares_letters():
+    assert grade(choice_problem("B"), "Final answer: b").correct
+    assert not grade(choice_problem("B"), "Final answer: C").correct
+    assert grade(choice_problem("B"), "nothing").detail == "no option letter found"
+
+
+@needs_data
+def test_always_answering_a_scores_the_share_of_a_on_gpqa():
+    problems = load_problems("gpqa_diamond", data_dir=DATA_DIR)
+    grades = [grade(p, "Final answer: A") for p in problems]
+    assert sum(g.correct for g in grades) == 53  # README: answers A-D are 53/42/52/51
+
+
+# --- code ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("```python\ndef f():\n    return 1\n```\ntext\n```python\ndef f():\n    return 2\n```", "def f():\n    return 2"),
+        ("```\ndef g():\n    pass\n```", "def g():\n    pass"),
+        ("```python\ndef cut_off():\n    return", "def cut_off():\n    return"),
+        ("def bare(x):\n    return x", "def bare(x):\n    return x"),
+        ("I would use a loop.", None),
+    ],
+)
+def test_code_extraction(response, expected):
+    assert extract_answer(ADD, response) == expected
+
+
+def test_code_is_run_against_its_tests():
+    assert grade(ADD, GOOD_ADD, timeout_s=5).correct
+    wrong = grade(ADD, "```python\ndef add(a, b):\n    return a - b\n```", timeout_s=5)
+    assert not wrong.correct and "AssertionError" in wrong.detail
+    body_only = grade(ADD, "```python\n    return a + b\n```", timeout_s=5)  # completes the prompt
+    assert body_only.correct
+    assert grade(ADD, "no code", timeout_s=5) == Grade(False, None, "no code found")
+
+
+@needs_data
+def test_humaneval_canonical_solutions_pass_and_the_prompt_alone_fails():
+    problems = load_problems("humaneval", data_dir=DATA_DIR, indices=[0, 1, 32])
+    for problem in problems:
+        solution = problem.question + problem.meta["canonical_solution"]
+        assert grade(problem, f"```python\n{solution}\n```", timeout_s=10).correct, problem.id
+        assert not grade(problem, f"```python\n{problem.question}    pass\n```", timeout_s=10).correct
+
+
+def _lcb_problem(cases_public, cases_private, harness, fn_name=None) -> Problem:
+    private = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(cases_private)))).decode()
+    tests = {"public": json.dumps(cases_public), "private": private, "fn_name": fn_name}
+    return Problem("lcb/0", "q", json.dumps(tests), "code", {"harness": harness})
+
+
+def test_livecodebench_stdio_and_functional_harnesses():
+    stdio = _lcb_problem([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}],
+                         [{"input": "10 20\n", "output": "30", "testtype": "stdin"}], "stdio")
+    good = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    only_public = "```python\na, b = map(int, input().split())\nprint(3)\n```"
+    assert grade(stdio, good, timeout_s=5).correct
+    assert not grade(stdio, only_public, timeout_s=5).correct  # the compressed private case catches it
+    functional = _lcb_problem([{"input": "[1, 2]\n3", "output": "true", "testtype": "functional"}],
+                              [{"input": "[5]\n6", "output": "false", "testtype": "functional"}],
+                              "functional", fn_name="hasPair")
+    solution = ("```python\nclass Solution:\n    def hasPair(self, nums, target):\n"
+                "        return any(a + b == target for i, a in enumerate(nums) for b in nums[i + 1:])\n```")
+    assert grade(functional, solution, timeout_s=5).correct
+    always_true = "```python\nclass Solution:\n    def hasPair(self, nums, target):\n        return True\n```"
+    assert not grade(functional, always_true, timeout_s=5).correct
+
+
+# --- exact and reasoning-gym ---------------------------------------------------------------------------------
+
+
+def test_exact_grading_normalises_case_space_and_full_stop():
+    problem = Problem("e/0", "q", "New York", "exact", {})
+    assert extract_answer(problem, "It is big.\nFinal answer: new  york.") == "new  york"
+    assert grade(problem, "It is big.\nFinal answer: new  york.").correct
+    assert grade(problem, "thinking...\nNEW YORK").correct  # last line without a Final answer line
+    assert not grade(problem, "Final answer: Boston").correct
+
+
+def test_reasoning_gym_uses_the_tasks_own_scorer():
+    problem = load_problems("rg:basic_arithmetic", size=3, seed=0)[0]
+    gold = problem.answer
+    right = grade(problem, f"Let me compute.\n\\boxed{{{gold}}}")
+    assert right.correct and right.extracted == gold and right.detail.startswith("reasoning-gym score 1")
+    assert not grade(problem, f"\\boxed{{{gold}1}}").correct
+    letters = load_problems("rg:letter_counting", size=2, seed=0)[0]
+    assert grade(letters, f"I counted.\n<answer>{letters.answer}</answer>").correct
+
+
+# --- errors and the batch ------------------------------------------------------------------------------------
+
+
+def test_unknown_grader_and_mismatched_lengths_are_user_errors():
+    with pytest.raises(StepscopeError, match="unknown grader"):
+        grade(Problem("x/0", "q", "a", "fuzzy", {}), "a")
+    with pytest.raises(StepscopeError, match="one response per problem"):
+        grade_many([math_problem("1")], [])
+
+
+def test_a_failing_grader_becomes_a_wrong_grade(monkeypatch):
+    def explode(problem, response, timeout_s):
+        raise RuntimeError("parser exploded")
+
+    monkeypatch.setitem(graders._GRADE_FUNCS, "math", explode)
+    result = grade(math_problem("1"), "\\boxed{1}")
+    assert not result.correct and "parser exploded" in result.detail
+
+
+def test_isolated_map_survives_a_crash_a_hang_and_an_exception():
+    items = ["1 + 1", "__import__('os')._exit(3)", "__import__('time').sleep(60)", "2 + 2", "1 / 0", "3 * 3"]
+    start = time.monotonic()
+    results = graders._map_isolated(eval, items, workers=2, deadline_s=2)
+    assert time.monotonic() - start < 20
+    assert results[0] == (True, 2) and results[3] == (True, 4) and results[5] == (True, 9)
+    assert results[1][0] is False and "died" in results[1][1]
+    assert results[2][0] is False and "longer than 2 s" in results[2][1]
+    assert results[4] == (False, "ZeroDivisionError: division by zero")
+
+
+def test_grade_many_grades_the_others_around_bad_samples():
+    # 100 children that sleep (linear, never exponential), then wait for them: contained by the sandbox.
+    bomb = ("```python\nimport os, time\ndef add(a, b):\n    for _ in range(100):\n        if os.fork() == 0:\n"
+            "            time.sleep(30)\n            os._exit(0)\n    while True:\n        os.wait()\n```")
+    problems = [math_problem("\\frac{1}{2}"), ADD, ADD, ADD, ADD, choice_problem("C"), math_problem("7"), ADD]
+    responses = [
+        "\\boxed{0.5}",
+        GOOD_ADD,
+        "```python\ndef add(a, b):\n    while True:\n        pass\n```",  # hangs
+        "```python\ndef add(a, b):\n    x = bytearray(50 * 1024**3)\n    return a + b\n```",  # 50 GB
+        bomb,
+        "Final answer: (C)",
+        "\\boxed{8}",
+        GOOD_ADD,
+    ]
+    grades = grade_many(problems, responses, workers=2, timeout_s=2)
+    assert [g.correct for g in grades] == [True, True, False, False, False, True, False, True]
+    assert "timeout" in grades[2].detail or "cpu" in grades[2].detail
+    assert "memory" in grades[3].detail
+    assert grades[6].extracted == "8"
+
+
+def test_grade_many_in_process_matches_the_pool():
+    problems = [math_problem("3"), choice_problem("A"), ADD]
+    responses = ["\\boxed{3}", "answer: a", GOOD_ADD]
+    assert grade_many(problems, responses, workers=0, timeout_s=5) == grade_many(problems, responses, workers=2, timeout_s=5)
