@@ -161,7 +161,8 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
     B = len(prompts)
     input_ids, mask = left_pad(prompts, pad_id, device)
     pos = positions(mask)
-    labeler = RowLabeler(tokenizer, profile, prompts, device, capacity=input_ids.shape[1] + sampling.max_new_tokens)
+    labeler = RowLabeler(tokenizer, profile, prompts, device, capacity=input_ids.shape[1] + sampling.max_new_tokens,
+                         sink_tokens=stepflow.sink_tokens if stepflow is not None else 1)
     gens = None
     if sampling.temperature > 0:
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -174,7 +175,7 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
         fwd["logits_to_keep"] = 1
     session = nullcontext(None)
     if stepflow is not None:
-        from .stepflow.session import stepflow_session
+        from .stepflow.handle import stepflow_session
 
         session = stepflow_session(model, tokenizer, stepflow, labeler)
     t0 = time.perf_counter()

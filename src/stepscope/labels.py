@@ -69,10 +69,11 @@ def _codes(lab: LiveLabel | None, prev: LiveLabel | None) -> tuple[int, int, int
     return seg, lab.step, fire, fsum
 
 
-def _prompt_segments(prompt_len: int, width: int) -> list[int]:
-    """Segments of a prompt right-aligned in ``width`` positions: padding and the sink token are OTHER."""
+def _prompt_segments(prompt_len: int, width: int, sink_tokens: int = 1) -> list[int]:
+    """Segments of a prompt right-aligned in ``width`` positions: padding and the sink token(s) are OTHER."""
     pad = width - prompt_len
-    return [OTHER] * (pad + 1) + [QUESTION] * (prompt_len - 1)
+    sink = min(sink_tokens, prompt_len)
+    return [OTHER] * (pad + sink) + [QUESTION] * (prompt_len - sink)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class RowLabeler:
     prompts: list[list[int]]
     device: object = "cpu"
     capacity: int = 0
+    sink_tokens: int = 1
     labels: BatchLabels = field(init=False)
     trackers: list[StepTracker] = field(init=False)
     _last: list[LiveLabel | None] = field(init=False)
@@ -91,7 +93,8 @@ class RowLabeler:
     def __post_init__(self):
         width = max(len(p) for p in self.prompts)
         self.labels = BatchLabels.empty(len(self.prompts), max(self.capacity, width + 1), self.device)
-        col = torch.tensor([_prompt_segments(len(p), width) for p in self.prompts], dtype=torch.long)
+        col = torch.tensor([_prompt_segments(len(p), width, self.sink_tokens) for p in self.prompts],
+                           dtype=torch.long)
         self.labels.segment[:, :width] = col.to(self.device)
         self.labels.length = width
         self.trackers = [StepTracker(self.tokenizer, self.profile, p) for p in self.prompts]
@@ -116,14 +119,15 @@ class RowLabeler:
         return out
 
 
-def replay_labels(tokenizer, profile: FormatProfile, rows: list[tuple[list[int], int]], device="cpu") -> BatchLabels:
-    """Live labels of finished sequences ``(token_ids, prompt_len)``, right-aligned (left-padded) to one width,
-    exactly as generation would have produced them."""
-    width = max(len(ids) for ids, _ in rows)
+def replay_labels(tokenizer, rows: list[tuple[list[int], int, FormatProfile]], device="cpu",
+                  sink_tokens: int = 1) -> BatchLabels:
+    """Live labels of finished sequences ``(token_ids, prompt_len, profile)``, right-aligned (left-padded) to one
+    width, exactly as generation would have produced them."""
+    width = max(len(ids) for ids, _, _ in rows)
     table = []
-    for ids, p in rows:
+    for ids, p, profile in rows:
         tracker, prev = StepTracker(tokenizer, profile, ids[:p]), None
-        row = [(s, 0, -1, -1) for s in _prompt_segments(p, width - len(ids) + p)]
+        row = [(s, 0, -1, -1) for s in _prompt_segments(p, width - len(ids) + p, sink_tokens)]
         for tok in ids[p:]:
             lab = tracker.push(tok)
             row.append(_codes(lab, prev))

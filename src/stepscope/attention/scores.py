@@ -45,25 +45,30 @@ def key_range(call: AttentionCall, q0: int, q1: int, q_offset: int) -> tuple[int
     return k0, k1
 
 
-def logits_block(call: AttentionCall, b: int, q0: int, q1: int, k0: int, k1: int, q_offset: int) -> torch.Tensor:
-    """Masked attention logits (H, q1-q0, k1-k0) of row ``b``; disallowed keys are -inf."""
-    q = compute_dtype(call.query[b, :, q0:q1])  # (H, c, D)
-    k = compute_dtype(call.key[b, :, k0:k1])  # (H_kv, kl, D)
-    H, n_kv = q.shape[0], k.shape[0]
-    logits = ungroup(group_queries(q, n_kv) @ k.transpose(-1, -2), H)
+def logits_block(call: AttentionCall, b, q0: int, q1: int, k0: int, k1: int, q_offset: int) -> torch.Tensor:
+    """Masked attention logits of batch row ``b`` (H, c, k), or of rows ``b`` (a slice) (n, H, c, k).
+
+    Query index ``i`` sits at absolute position ``q_offset + i``; disallowed keys get -inf.
+    """
+    rows = b if isinstance(b, slice) else slice(b, b + 1)
+    q = compute_dtype(call.query[rows, :, q0:q1])  # (n, H, c, D)
+    k = compute_dtype(call.key[rows, :, k0:k1])  # (n, H_kv, kl, D)
+    n, H, c, D = q.shape
+    n_kv = k.shape[1]
+    logits = (q.reshape(n, n_kv, (H // n_kv) * c, D) @ k.transpose(-1, -2)).reshape(n, H, c, k.shape[2])
     logits.mul_(call.scaling)
     cap = call.softcap
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    _apply_mask(call, logits, b, q0, q1, k0, k1, q_offset)
-    return logits
+    _apply_mask(call, logits, rows, q0, q1, k0, k1, q_offset)
+    return logits if isinstance(b, slice) else logits[0]
 
 
-def _apply_mask(call: AttentionCall, logits: torch.Tensor, b, q0, q1, k0, k1, q_offset) -> None:
+def _apply_mask(call: AttentionCall, logits: torch.Tensor, rows: slice, q0, q1, k0, k1, q_offset) -> None:
     mask = call.attention_mask
     device = logits.device
     if mask is not None and mask.dim() == 4:
-        m = mask[b if mask.shape[0] > 1 else 0, :, q0:q1, k0:k1]
+        m = mask[rows if mask.shape[0] > 1 else slice(None), :, q0:q1, k0:k1]
         if m.dtype == torch.bool:
             logits.masked_fill_(~m, float("-inf"))
         else:  # additive float mask, as eager attention adds it
@@ -73,20 +78,20 @@ def _apply_mask(call: AttentionCall, logits: torch.Tensor, b, q0, q1, k0, k1, q_
     # no 4D mask: causal (+ window) by position, and a 2D padding mask if given (flash attention)
     qpos = torch.arange(q_offset + q0, q_offset + q1, device=device)[:, None]
     kpos = torch.arange(k0, k1, device=device)[None, :]
-    allowed = kpos <= qpos
+    allowed = (kpos <= qpos)[None, None]
     w = sliding_window_of(call)
     if w:
-        allowed &= kpos > qpos - w
+        allowed = allowed & (kpos > qpos - w)[None, None]
     if mask is not None and mask.dim() == 2:
-        allowed &= mask[b, k0:k1].bool()[None, :]
+        allowed = allowed & mask[rows, k0:k1].bool()[:, None, None, :]
     logits.masked_fill_(~allowed, float("-inf"))
 
 
 def log_normaliser(call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
     """log of the softmax denominator per (head, row), including GPT-OSS sink logits."""
-    lse = torch.logsumexp(logits, dim=-1)  # (H, c)
+    lse = torch.logsumexp(logits, dim=-1)  # (..., H, c)
     sinks = call.sinks
-    if sinks is not None:
+    if sinks is not None:  # (H,) -> broadcast over rows and queries
         lse = torch.logaddexp(lse, sinks.detach().to(lse.device, lse.dtype).view(-1, 1))
     return lse
 

@@ -13,17 +13,21 @@ def register(sub) -> None:
     add_model_args(p)
     add_question_args(p)
     add_generation_args(p)
+    from .stepflow_args import add_stepflow_args
+
+    add_stepflow_args(p)
     add_out_arg(p, "runs/generate")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..generation import generate
+    from .stepflow_args import stepflow_from_args
 
     questions = questions_from_args(args)
     model, tok = load_model_from_args(args)
     prompts = with_instruction(questions, tok, args.profile, args.no_instruction)
-    stepflow = None
+    stepflow = stepflow_from_args(args, model)
     traces = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, profile=args.profile,
                       stepflow=stepflow)
@@ -33,5 +37,17 @@ def run(args) -> int:
         print(f"== trace {i} ({len(t)} tokens, {t.meta.get('new_tokens')} generated, stop: {t.meta.get('stop')})"
               f" -> {path}")
         print(t.pretty())
+        if "stepflow" in t.meta:
+            print(f"   StepFlow: {_stats_line(t.meta['stepflow'])}")
         print()
     return 0
+
+
+def _stats_line(s: dict) -> str:
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    edits = sum(s["oeb_edits_per_layer"].values())
+    return (f"OEB edited {edits} head-queries ({pct(s['oeb_edit_rate'])} of eligible), bridge mass "
+            f"{pct(s['bridge_mass_before'])} -> {pct(s['bridge_mass_after'])}; SMI injected at "
+            f"{s['smi_injections']} step starts (mean |alpha*m| {s['smi_mean_norm'] or 0:.3f})")

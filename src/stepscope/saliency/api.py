@@ -45,19 +45,19 @@ def step_saliency(
     if batch_size < 1:
         raise StepscopeError("batch_size must be at least 1")
     opts = SaliencyOptions(target=target, chunk_mb=chunk_mb, method=method, progress=progress)
-    edit_factory = None
-    if stepflow is not None:
-        from ..stepflow.fullpass import saliency_edit_factory
+    import contextlib
 
-        edit_factory = saliency_edit_factory(model, tokenizer, stepflow, traces)
+    if stepflow is not None:
+        from ..stepflow.fullpass import teacher_forced
     order = sorted(range(len(traces)), key=lambda i: len(traces[i]))
     out: list[StepSaliency | None] = [None] * len(traces)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [traces[i] for i in idx]
         t0 = time.perf_counter()
-        factory = None if edit_factory is None else edit_factory(idx)
-        res = compute_batch(model, tokenizer, batch, opts, factory)
+        session = teacher_forced(model, tokenizer, stepflow, batch) if stepflow is not None else contextlib.nullcontext()
+        with session as sf:
+            res = compute_batch(model, tokenizer, batch, opts, None if sf is None else sf.saliency_edit)
         seconds = time.perf_counter() - t0
         for k, i in enumerate(idx):
             t = traces[i]

@@ -75,7 +75,8 @@ def target_weights(traces: list[Trace], width: int, target: str, device) -> torc
     return w.to(device)
 
 
-def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, edit_factory=None) -> BatchSums:
+def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, prob_edit=None) -> BatchSums:
+    """Saliency sums of a batch; ``prob_edit(layer)`` gives the attention edit active in that layer, if any."""
     device = next(model.parameters()).device
     context = getattr(model.config, "max_position_embeddings", None)
     for t in traces:
@@ -95,7 +96,7 @@ def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, 
     method = opts.method
     if method == "auto":
         method = "layerwise" if family_facts(model) is not None else "whole"
-    edit = edit_factory(ids, mask) if edit_factory is not None else None
+    edit = prob_edit
     runner = _layerwise if method == "layerwise" else _whole
     with _eval_mode(model):
         return runner(model, ids, mask, pos, weights, rows, n_layers, opts, edit)
@@ -214,8 +215,8 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
     return _finish(layer_sums, layer_other, n_layers, rows, losses)
 
 
-def _bind(edit, layer):
-    return None if edit is None else edit(layer)
+def _bind(prob_edit, layer):
+    return None if prob_edit is None else prob_edit(layer)
 
 
 def _loss_grad(model, h_last, ids, weights, loss_chunk):

@@ -16,8 +16,8 @@ from ..attention.dispatch import AttentionCall
 from ..attention.scores import compute_dtype, group_queries, key_range, logits_block, probabilities, ungroup
 from ..errors import StepscopeError
 
-# Called as edit(b, q0, q1, k0, k1, probs) -> probs, to apply an attention edit (OEB) before saliency.
-ProbEdit = Callable[[int, int, int, int, int, torch.Tensor], torch.Tensor]
+# edit(call, b, q0, q1, k0, k1, logits) -> probs: the weights an attention edit (OEB) made the layer use.
+ProbEdit = Callable[[AttentionCall, int, int, int, int, int, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,8 @@ def _layer_step_sums(call, grad_out, rows, budget_mb, edit):
 
 def _chunk_into(call, dO, b, q0, q1, q_offset, step_ids, key_ids, acc, edit) -> None:
     k0, k1 = key_range(call, q0, q1, q_offset)
-    probs = probabilities(call, logits_block(call, b, q0, q1, k0, k1, q_offset))  # (H, c, kl)
-    if edit is not None:
-        probs = edit(b, q0, q1, k0, k1, probs)
+    logits = logits_block(call, b, q0, q1, k0, k1, q_offset)  # (H, c, kl)
+    probs = probabilities(call, logits) if edit is None else edit(call, b, q0, q1, k0, k1, logits)
     H = probs.shape[0]
     v = compute_dtype(call.value[b, :, k0:k1])  # (H_kv, kl, D)
     g = ungroup(group_queries(compute_dtype(dO[b, :, q0:q1]), v.shape[0]) @ v.transpose(-1, -2), H)  # dL/dA
