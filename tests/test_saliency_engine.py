@@ -154,3 +154,17 @@ def test_non_softmax_model_names_its_class(tokenizers, traces):
                                          expand=2, conv_kernel=2)).eval()
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
         stepscope.step_saliency(model, tok, traces[0], progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_stepflow_matches_a_literal_reference(tokenizers, traces, family):
+    """Saliency measured with StepFlow on (the mechanism check) against the SPEC's OEB/SMI written out plainly."""
+    tok = tokenizers["think"]
+    model = tiny_model(family, tok, layers=4)
+    cfg = stepscope.StepFlowConfig(tau_max=0.5, alpha=1.5, smi_at_summary=True)
+    on = stepscope.step_saliency(model, tok, traces[0], stepflow=cfg, progress=False)
+    ref, ref_other = reference_sums(model, traces[0], stepflow=cfg)
+    assert rel_err(on.sums, ref) <= 1e-6 and rel_err(on.other, ref_other) <= 1e-6
+    off = stepscope.step_saliency(model, tok, traces[0], progress=False)
+    assert np.abs(off.sums - ref).max() > 1e-3 * np.abs(ref).max()  # the edits change the map
+    assert on.meta["stepflow"]["tau_max"] == 0.5

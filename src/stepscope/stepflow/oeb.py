@@ -70,6 +70,6 @@ def odds_equal_bridge(
     shift = torch.where(bridge, shift_b[..., None], torch.where(current, shift_s[..., None], 0.0))
     shift = torch.where(edit[..., None], shift, 0.0)
     probs = torch.exp(logits + shift - log_norm[..., None])
-    probs = torch.nan_to_num_(probs, nan=0.0)
+    probs = torch.nan_to_num(probs, nan=0.0)
     after = torch.where(edit, tau_b, p_b)
     return OEBResult(probs, edit, p_b, after, tau_b)
