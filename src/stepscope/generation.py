@@ -53,12 +53,14 @@ def generate(
     system: str | None = None,
     chat: bool | None = None,
     progress: bool = True,
+    ignore_eos: bool = False,
 ) -> list[Trace]:
     """Generate a response to each prompt (a user question) and return one segmented trace per prompt.
 
     Greedy when ``temperature == 0``; otherwise temperature + nucleus (``top_p``) sampling, with row ``i``
     seeded by ``seeds[i]`` (default ``seed + i``). ``stepflow``: a :class:`stepscope.StepFlowConfig` to generate
-    with StepFlow on; each trace's ``meta["stepflow"]`` then holds what it did.
+    with StepFlow on; each trace's ``meta["stepflow"]`` then holds what it did. ``ignore_eos``: always generate
+    ``max_new_tokens`` (for timing).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -94,7 +96,7 @@ def generate(
             warnings.warn(f"max_new_tokens cut to {new_tokens} to stay within the model's context of {context}")
         batch = _generate_batch(
             model, tokenizer, prof, [ids[i] for i in rows], [seeds[i] for i in rows],
-            SamplingConfig(new_tokens, sampling.temperature, sampling.top_p), stepflow,
+            SamplingConfig(new_tokens, sampling.temperature, sampling.top_p), stepflow, ignore_eos,
         )
         for i, (resp, labels, note, meta) in zip(rows, batch):
             meta.update(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=seeds[i])
@@ -154,10 +156,10 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: SamplingConfig, stepflow):
+def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: SamplingConfig, stepflow, ignore_eos=False):
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stops = eos_ids(model, tokenizer)
+    stops = set() if ignore_eos else eos_ids(model, tokenizer)
     B = len(prompts)
     input_ids, mask = left_pad(prompts, pad_id, device)
     pos = positions(mask)

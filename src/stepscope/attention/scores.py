@@ -96,9 +96,11 @@ def log_normaliser(call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
     return lse
 
 
-def probabilities(call: AttentionCall, logits: torch.Tensor, out: bool = True) -> torch.Tensor:
-    """Post-softmax weights over the real keys (in place on ``logits`` when ``out``)."""
-    lse = log_normaliser(call, logits)
-    p = logits if out else logits.clone()
-    p.sub_(lse.unsqueeze(-1)).exp_()
+def probabilities(call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
+    """Post-softmax weights over the real keys (may reuse ``logits``' storage)."""
+    if call.sinks is None:
+        p = torch.softmax(logits, dim=-1)
+    else:
+        lse = log_normaliser(call, logits)
+        p = logits.sub_(lse.unsqueeze(-1)).exp_()
     return torch.nan_to_num_(p, nan=0.0)  # rows with no visible key (padding queries)

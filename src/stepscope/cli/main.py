@@ -10,7 +10,7 @@ import warnings
 
 from ..errors import StepscopeError
 
-COMMANDS = ["generate", "diagnose", "saliency", "eval", "report", "analyze", "organism"]
+COMMANDS = ["generate", "diagnose", "eval", "report", "analyze", "organism"]  # modules; diagnose adds saliency
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,33 +68,39 @@ def _layer_step_sums(call, grad_out, rows, budget_mb, edit):
         S = idx.n_steps
         acc = torch.zeros(S + 1, S + 1, dtype=torch.float64, device=call.query.device)
         key_ids = torch.where(idx.ids < 0, S, idx.ids)  # column S collects keys in no step
+        key_onehot = torch.nn.functional.one_hot(key_ids, S + 1).to(compute_dtype(call.query).dtype)
         valid = (idx.ids[q_offset:] >= 0).nonzero()
         if valid.numel():
             first, last = int(valid[0]), int(valid[-1]) + 1
             for q0 in range(first, last, chunk):
                 q1 = min(q0 + chunk, last)
-                _chunk_into(call, dO, b, q0, q1, q_offset, idx.ids, key_ids, acc, edit)
+                _chunk_into(call, dO, b, q0, q1, q_offset, idx.ids, key_onehot, acc, edit)
         sums.append(acc[:S, :S])
         other.append(acc[:S, S])
     return sums, other
 
 
-def _chunk_into(call, dO, b, q0, q1, q_offset, step_ids, key_ids, acc, edit) -> None:
+def _chunk_into(call, dO, b, q0, q1, q_offset, step_ids, key_onehot, acc, edit) -> None:
     k0, k1 = key_range(call, q0, q1, q_offset)
     logits = logits_block(call, b, q0, q1, k0, k1, q_offset)  # (H, c, kl)
     probs = probabilities(call, logits) if edit is None else edit(call, b, q0, q1, k0, k1, logits)
     H = probs.shape[0]
     v = compute_dtype(call.value[b, :, k0:k1])  # (H_kv, kl, D)
     g = ungroup(group_queries(compute_dtype(dO[b, :, q0:q1]), v.shape[0]) @ v.transpose(-1, -2), H)  # dL/dA
-    probs.mul_(g.abs_())
-    sal = probs.sum(0).div_(H)  # (c, kl): head mean of |A * G|
-    # rows: steps are contiguous, so a chunk holds a few runs of equal query step
+    probs.mul_(g.abs_())  # |A * G| per head (A >= 0)
+    # Steps are contiguous, so the chunk's rows form a few runs of one query step each; summing rows per run
+    # (and over heads) is one small matmul with a 0/1 run matrix instead of many strided reductions.
     q_ids = step_ids[q_offset + q0 : q_offset + q1]
     change = torch.nonzero(q_ids[1:] != q_ids[:-1]).flatten() + 1
-    bounds = [0] + change.tolist() + [q1 - q0]
-    cols = key_ids[k0:k1]
-    for r0, r1 in zip(bounds[:-1], bounds[1:]):
-        i = int(q_ids[r0])
-        if i < 0:
-            continue
-        acc[i].index_add_(0, cols, sal[r0:r1].sum(0, dtype=torch.float64))
+    starts = torch.cat([change.new_zeros(1), change])
+    run_step = q_ids[starts]
+    keep = run_step >= 0
+    if not bool(keep.any()):
+        return
+    run_of_row = torch.cumsum(torch.zeros_like(q_ids).index_fill_(0, change, 1), 0)
+    runs = torch.zeros(len(starts), len(q_ids), dtype=probs.dtype, device=probs.device)
+    runs[run_of_row, torch.arange(len(q_ids), device=probs.device)] = 1.0
+    runs = runs[keep]
+    pooled = torch.matmul(runs, probs).sum(0).div_(H)  # (runs, kl): head mean, summed over each run's rows
+    by_key = pooled @ key_onehot[k0:k1]  # (runs, S + 1): summed over each key step
+    acc.index_add_(0, run_step[keep], by_key.to(acc.dtype))

@@ -1,0 +1,198 @@
+"""The self-contained HTML report and the plain-language reading (describe)."""
+
+import html
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import stepscope
+from stepscope.saliency import describe
+from stepscope.saliency.report import write_report
+from stepscope.saliency.result import StepSaliency
+from stepscope.testing import tiny_model
+
+QUESTION = "What is (2+3)*2?"
+RESPONSES = {
+    "full": ("First we add 2 and 3 to get <script>alert('x')</script> 5. Then we double it to get 10. "
+             "So we have ten now.</think>\n\nFinal answer: 10<|im_end|>"),
+    "no_summary": "We think hard about it. It is seven, clearly. Then we are done here.",
+    "one_step": "It is seven, clearly so.</think>7<|im_end|>",
+}
+
+
+@pytest.fixture(scope="module")
+def computed(tokenizers):
+    """kind -> (trace, result) from a tiny 4-layer Llama."""
+    tok = tokenizers["think"]
+    model = tiny_model("llama", tok, layers=4)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, response in RESPONSES.items():
+            trace = stepscope.Trace.from_text(tok, QUESTION, response)
+            out[name] = (trace, stepscope.step_saliency(model, tok, trace, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report_html(computed, tmp_path_factory):
+    trace, result = computed["full"]
+    out = tmp_path_factory.mktemp("report")
+    path = write_report({"baseline": result}, trace, out)
+    return path, path.read_text(encoding="utf-8")
+
+
+def boosted_question(r: StepSaliency, factor: float = 1.6) -> StepSaliency:
+    """The same trace with more saliency into the question column (as a working bridge would give)."""
+    sums = r.sums.copy()
+    sums[:, :, 0] *= factor
+    return StepSaliency(sums, r.counts, r.other, r.steps, {**r.meta, "stepflow": {"tau_max": 0.15}})
+
+
+# -- the HTML ------------------------------------------------------------------------------------------------
+def test_report_is_one_self_contained_file(report_html):
+    path, doc = report_html
+    assert path.name == "report.html"
+    for external in ('src="http', "<link", "@import", "url(http", "http://", "https://", 'src="//'):
+        assert external not in doc
+    sources = re.findall(r'src="([^"]*)"', doc)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert doc.count("<script") == 2  # the slider data (JSON) and the slider code, both inline
+    assert "<script src" not in doc
+
+
+def test_report_embeds_every_layer(report_html, computed):
+    _, doc = report_html
+    _, result = computed["full"]
+    layers = re.findall(r'<img class="layer-map"[^>]*data-layer="(\d+)"', doc)
+    assert sorted(map(int, layers)) == list(range(result.num_layers))
+    assert 'max="3"' in doc  # the slider spans all four layers
+
+
+def test_report_shows_scores_steps_and_escapes_text(report_html, computed):
+    _, doc = report_html
+    trace, result = computed["full"]
+    assert f"{result.shallow_lock_in:.3f}" in doc and f"{result.deep_decay:.3f}" in doc
+    assert "shallow = layers 0 (bottom 25% of 4), deep = layers 3 (top 25%)" in doc
+    assert "<script>alert(" not in doc
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in doc
+    for step in trace.steps[1:]:
+        assert html.escape(step.text) in doc
+        assert f'<span class="tag">{step.label}</span>' in doc
+    for sentence in describe.reading(result):
+        assert html.escape(sentence) in doc
+    assert "How to read this" in doc and "causally valid pairs" in doc
+
+
+def test_report_writes_the_pngs(report_html):
+    path, _ = report_html
+    for name in ("layer_maps.png", "metric_curves.png", "band_scores.png"):
+        assert (path.parent / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_conditions_are_compared(computed, tmp_path):
+    trace, r0 = computed["full"]
+    r1 = boosted_question(r0)
+    path = write_report({"baseline": r0, "StepFlow": r1}, trace, tmp_path, title="A <b> title")
+    doc = path.read_text(encoding="utf-8")
+    for name in ("layer_maps_baseline.png", "layer_maps_stepflow.png", "metric_curves.png", "band_scores.png"):
+        assert (tmp_path / name).exists()
+    for k in (0, 1):  # every layer of every condition
+        assert len(re.findall(rf'class="layer-map"[^>]*data-cond="{k}"', doc)) == r0.num_layers
+    for sentence in describe.compare(r0, r1, ("baseline", "StepFlow")):
+        assert html.escape(sentence) in doc
+    assert "A &lt;b&gt; title" in doc and "<b> title" not in doc
+
+
+@pytest.mark.parametrize("kind,reason", [("no_summary", "the trace has no summary"),
+                                         ("one_step", "needs at least two thinking steps")])
+def test_report_for_traces_missing_a_segment(computed, tmp_path, kind, reason):
+    trace, result = computed[kind]
+    doc = write_report({"baseline": result}, trace, tmp_path).read_text(encoding="utf-8")
+    assert f"n/a ({reason})" in doc
+    assert len(re.findall(r'class="layer-map"', doc)) == result.num_layers
+
+
+# -- describe ------------------------------------------------------------------------------------------------
+def shallow_numbers(r: StepSaliency) -> tuple[float, float]:
+    """Question reach and Shallow Lock-in over the shallow band, recomputed from the sum map."""
+    th = [i for i, s in enumerate(r.steps) if s.kind == "thinking"]
+    layers = r.bands.shallow
+    reach, local = [], []
+    for layer in layers:
+        incoming = {i: r.sums[layer, i, : i + 1].sum() for i in th}
+        reach.append(np.mean([r.sums[layer, i, 0] / incoming[i] for i in th]))
+        local.append(np.mean([(r.sums[layer, i, i] + r.sums[layer, i, i - 1]) / incoming[i] for i in th[1:]]))
+    return float(np.mean(reach)), float(np.mean(local))
+
+
+def deep_decay(r: StepSaliency) -> float:
+    th = [i for i, s in enumerate(r.steps) if s.kind == "thinking"]
+    su = [i for i, s in enumerate(r.steps) if s.kind == "summary"]
+    shares = []
+    for layer in r.bands.deep:
+        total = sum(r.sums[layer, i, : i + 1].sum() for i in su)
+        recent = sum(r.sums[layer, i, [j for j in su if j <= i] + th[-2:]].sum() for i in su)
+        shares.append(recent / total)
+    return float(np.mean(shares))
+
+
+def as_pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if 100 * x >= 10 else f"{100 * x:.1f}%"
+
+
+def test_reading_states_the_numbers(computed):
+    _, r = computed["full"]
+    reach, lock = shallow_numbers(r)
+    decay = deep_decay(r)
+    shallow, deep, *rest = describe.reading(r)
+    assert shallow.startswith("In the shallow layers (0)")
+    assert f"the question receives {as_pct(reach)} of the saliency" in shallow
+    assert f"{as_pct(lock)} of its incoming saliency" in shallow and f"(Shallow Lock-in = {lock:.2f})" in shallow
+    assert f"the summary draws {as_pct(decay)} of its saliency from itself and the last two thinking steps" in deep
+    assert f"(Deep Decay = {decay:.2f})" in deep
+    weakest = rest[0]
+    per_step = describe.question_share_per_step(r, r.bands.shallow)
+    assert min(per_step, key=per_step.get) in weakest
+    assert f"layer {int(np.nanargmin(r.metrics['question_reach']))}" in weakest
+
+
+@pytest.mark.parametrize("kind,reason", [("no_summary", "Deep Decay is n/a (the trace has no summary)"),
+                                         ("one_step", "Shallow Lock-in is n/a (needs at least two thinking steps)")])
+def test_reading_names_missing_scores_with_the_reason(computed, kind, reason):
+    _, r = computed[kind]
+    text = " ".join(describe.reading(r))
+    assert reason in text
+    assert "= 0.00" not in text
+
+
+def test_terminal_summary_is_compact(computed):
+    trace, r = computed["full"]
+    long_named = StepSaliency(r.sums, r.counts, r.other, r.steps, {**r.meta, "model": "org/" + "x" * 120})
+    for result in (r, long_named, computed["no_summary"][1], computed["one_step"][1]):
+        text = describe.terminal_summary(result, trace)
+        lines = text.splitlines()
+        assert len(lines) <= 15
+        assert max(map(len, lines)) <= 100
+    text = describe.terminal_summary(r, trace)
+    assert "Steps: 1 question, 3 thinking, 1 summary" in text
+    assert f"Shallow Lock-in  {r.shallow_lock_in:.2f}" in text and f"Deep Decay       {r.deep_decay:.2f}" in text
+    assert "shallow = layers 0 (bottom 25% of 4)" in text
+
+
+def test_compare_reports_direction_and_values(computed):
+    _, r0 = computed["full"]
+    r1 = boosted_question(r0)
+    reach0, lock0 = shallow_numbers(r0)
+    reach1, lock1 = shallow_numbers(r1)
+    sentences = describe.compare(r0, r1, ("baseline", "StepFlow"))
+    assert sentences[0] == (f"Shallow question reach (layers 0): {as_pct(reach0)} (baseline) -> {as_pct(reach1)} "
+                            f"(StepFlow), {100 * (reach1 - reach0):+.1f} points.")
+    lock_line = next(s for s in sentences if s.startswith("Shallow Lock-in"))
+    assert f"{lock0:.2f} (baseline) -> {lock1:.2f} (StepFlow)" in lock_line
+    assert lock1 < lock0 and "lower: shallow layers less locked" in lock_line
+    missing = describe.compare(r0, computed["no_summary"][1])
+    assert any("Deep Decay: n/a (the trace has no summary)" in s for s in missing)
+    assert any(s.startswith("Note: the two results have different steps") for s in missing)
