@@ -12,7 +12,7 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = models.default_model_path()
-    assert path.parent.parent == tmp_path
+    assert path.parent.parent == tmp_path and path.name.startswith("smollm2-135m-instruct")
     assert (path / "model.safetensors").exists() and (path / models._MARKER).exists()
     assert not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))
 

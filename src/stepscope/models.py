@@ -154,7 +154,12 @@ def default_gguf_file() -> Path:
 
 def default_model_path() -> Path:
     """Directory of the de-quantised default model, converting it from GGUF the first time."""
-    target = cache_dir() / "models" / _DEFAULT_CACHE_NAME
+    import transformers
+
+    # configs and tokenizer files written by transformers 5 are not read correctly by 4.x (and vice versa), so
+    # each major version keeps its own conversion
+    major = transformers.__version__.split(".")[0]
+    target = cache_dir() / "models" / f"{_DEFAULT_CACHE_NAME}-tf{major}"
     if (target / _MARKER).exists():
         return target
     gguf = default_gguf_file()
