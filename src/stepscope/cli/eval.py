@@ -20,22 +20,7 @@ def register(sub) -> None:
         "shared per-sample seeds, grade them, append one JSON line per sample to OUT/results.jsonl, and write a "
         "paired summary (JSON, Markdown table, plot). Re-running the same command resumes the run.")
     add_model_args(p)
-    d = p.add_argument_group("problems")
-    d.add_argument("--dataset", help="gsm8k, math500, aime24, aime25, amc23, gpqa_diamond, humaneval, "
-                   "livecodebench, rg:<task> or organism:<easy|medium|hard>")
-    d.add_argument("--data-dir", type=Path, default=None, help="offline copies of the sets (or STEPSCOPE_DATA_DIR)")
-    d.add_argument("--data-file", type=Path, help="your own JSONL of problems instead of --dataset")
-    d.add_argument("--question-field", default="question", help="question field of --data-file lines")
-    d.add_argument("--answer-field", default="answer", help="answer field of --data-file lines")
-    d.add_argument("--id-field", default=None, help="problem id field of --data-file lines (default: line number)")
-    d.add_argument("--grader", default="math", choices=["math", "choice", "exact", "code"],
-                   help="how --data-file answers are graded (default: math)")
-    d.add_argument("--indices", help="rows to use, e.g. 0-9,17")
-    d.add_argument("--limit", type=int, default=None, help="use only the first N problems (after --indices)")
-    d.add_argument("--rg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a reasoning-gym task parameter (repeatable), e.g. --rg min_terms=3")
-    d.add_argument("--rg-size", type=int, default=None, help="how many problems to generate for rg:/organism:")
-    d.add_argument("--data-seed", type=int, default=0, help="seed of generated problem sets (rg:, organism:)")
+    add_problem_args(p)
     add_generation_args(p, max_new_tokens=512)
     r = p.add_argument_group("run")
     r.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
@@ -53,6 +38,26 @@ def register(sub) -> None:
     add_stepflow_args(p)
     add_out_arg(p, "runs/eval")
     p.set_defaults(func=run)
+
+
+def add_problem_args(p) -> None:
+    """Where problems come from; shared with ``analyze``."""
+    d = p.add_argument_group("problems")
+    d.add_argument("--dataset", help="gsm8k, math500, aime24, aime25, amc23, gpqa_diamond, humaneval, "
+                   "livecodebench, rg:<task> or organism:<easy|medium|hard>")
+    d.add_argument("--data-dir", type=Path, default=None, help="offline copies of the sets (or STEPSCOPE_DATA_DIR)")
+    d.add_argument("--data-file", type=Path, help="your own JSONL of problems instead of --dataset")
+    d.add_argument("--question-field", default="question", help="question field of --data-file lines")
+    d.add_argument("--answer-field", default="answer", help="answer field of --data-file lines")
+    d.add_argument("--id-field", default=None, help="problem id field of --data-file lines (default: line number)")
+    d.add_argument("--grader", default="math", choices=["math", "choice", "exact", "code"],
+                   help="how --data-file answers are graded (default: math)")
+    d.add_argument("--indices", help="rows to use, e.g. 0-9,17")
+    d.add_argument("--limit", type=int, default=None, help="use only the first N problems (after --indices)")
+    d.add_argument("--rg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a reasoning-gym task parameter (repeatable), e.g. --rg min_terms=3")
+    d.add_argument("--rg-size", type=int, default=None, help="how many problems to generate for rg:/organism:")
+    d.add_argument("--data-seed", type=int, default=0, help="seed of generated problem sets (rg:, organism:)")
 
 
 def condition_names(args) -> list[str]:
