@@ -60,9 +60,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import stepscope
 

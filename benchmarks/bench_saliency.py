@@ -20,6 +20,13 @@ SENTENCES = [
 ]
 
 
+def _threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
 def make_trace(tokens: int, steps: int):
     """A synthetic plain-profile trace of about ``tokens`` tokens with about ``steps`` thinking steps."""
     import stepscope
@@ -44,11 +51,12 @@ def make_trace(tokens: int, steps: int):
     return trace
 
 
-def engine(tokens: int, steps: int, chunk_mb: float = 256.0) -> dict:
+def engine(tokens: int, steps: int, threads: int = 0, chunk_mb: float = 256.0) -> dict:
     import torch
 
     import stepscope
 
+    _threads(threads)
     torch.manual_seed(0)
     trace = make_trace(tokens, steps)
     model, tok = stepscope.load_model("default")
@@ -60,12 +68,13 @@ def engine(tokens: int, steps: int, chunk_mb: float = 256.0) -> dict:
             "sums": r.sums.tolist() if tokens <= 2048 else None}
 
 
-def reference(tokens: int, steps: int) -> dict:
+def reference(tokens: int, steps: int, threads: int = 0) -> dict:
     import time
 
     import stepscope
     from stepscope.saliency.reference import reference_sums
 
+    _threads(threads)
     trace = make_trace(tokens, steps)
     model, tok = stepscope.load_model("default")
     t0 = time.perf_counter()
@@ -73,7 +82,7 @@ def reference(tokens: int, steps: int) -> dict:
     return {"T": len(trace), "seconds": time.perf_counter() - t0, "sums": sums.tolist()}
 
 
-def floor(tokens: int, steps: int) -> dict:
+def floor(tokens: int, steps: int, threads: int = 0) -> dict:
     """One plain forward + backward (parameter gradients included), SDPA attention."""
     import time
 
@@ -81,6 +90,7 @@ def floor(tokens: int, steps: int) -> dict:
 
     import stepscope
 
+    _threads(threads)
     trace = make_trace(tokens, steps)
     model, tok = stepscope.load_model("default")
     ids = torch.tensor([trace.token_ids])
@@ -99,16 +109,17 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reference-max", type=int, default=2048, help="largest T the reference is run at")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (0: torch's choice)")
     args = ap.parse_args()
     rows = []
     for T in args.lengths:
-        eng = run_isolated("bench_saliency", "engine", T, args.steps)
-        flo = run_isolated("bench_saliency", "floor", T, args.steps)
+        eng = run_isolated("bench_saliency", "engine", T, args.steps, 256.0, args.threads)
+        flo = run_isolated("bench_saliency", "floor", T, args.steps, args.threads)
         row = {"T": eng["T"], "steps": eng["steps"], "engine_s": eng["seconds"], "engine_gb": eng["peak_rss_gb"],
                "floor_s": flo["seconds"], "floor_gb": flo["peak_rss_gb"],
                "engine_over_floor_time": eng["seconds"] / flo["seconds"]}
         if T <= args.reference_max:
-            ref = run_isolated("bench_saliency", "reference", T, args.steps)
+            ref = run_isolated("bench_saliency", "reference", T, args.steps, args.threads)
             a, b = np.array(eng["sums"]), np.array(ref["sums"])
             row.update(reference_s=ref["seconds"], reference_gb=ref["peak_rss_gb"],
                        time_ratio_ref_over_engine=ref["seconds"] / eng["seconds"],

@@ -181,7 +181,7 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
 
         session = stepflow_session(model, tokenizer, stepflow, labeler)
     t0 = time.perf_counter()
-    with session as sf, torch.no_grad():
+    with session as sf, torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **fwd).logits[:, -1, :]
         for step in range(sampling.max_new_tokens):
             nxt = _choose(logits, sampling, gens)

@@ -54,6 +54,18 @@ class StepFlowStats:
         return out
 
 
+@dataclass(frozen=True)
+class _Views:
+    k_seg: torch.Tensor
+    k_step: torch.Tensor
+    fire: torch.Tensor  # (B, Tq) index of the thinking step that just ended, -1 where SMI does not fire
+    any_fire: bool
+    bridge: torch.Tensor
+    current: torch.Tensor
+    editable: torch.Tensor
+    any_editable: bool
+
+
 @dataclass
 class StepFlowHandle:
     """StepFlow installed on a model. ``remove()`` (or leaving the ``with`` block) restores the model."""
@@ -69,6 +81,8 @@ class StepFlowHandle:
     _install: InstallHandle | None = None
     _hook: object = None
     _removed: bool = field(default=False)
+    _cache_key: tuple | None = None
+    _cache: object = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -130,6 +144,18 @@ class StepFlowHandle:
         return None
 
     # -- the attention handler -----------------------------------------------------------------------------
+    def _views(self, Tq: int, Tk: int) -> "_Views":
+        """Label views of the current forward call, computed once and shared by every layer of that call."""
+        key = (id(self.labels), self.labels.length, Tq, Tk)
+        if self._cache_key != key:
+            (q_seg, _, q_fire, q_fsum), (k_seg, k_step) = self.labels.window(Tq, Tk)
+            fire = torch.where(q_fire >= 0, q_fire, q_fsum) if self.config.smi_at_summary else q_fire
+            bridge, current, editable = groups(q_seg, k_seg)
+            self._cache = _Views(k_seg, k_step, fire, bool((fire >= 0).any()), bridge, current, editable,
+                                 bool(editable.any()))
+            self._cache_key = key
+        return self._cache
+
     def __call__(self, call: AttentionCall, proceed):
         layer = call.layer_idx
         in_oeb, in_smi = layer in self.resolved.oeb_layers, layer in self.resolved.smi_layers
@@ -142,20 +168,16 @@ class StepFlowHandle:
                 f"StepFlow labels cover {self.labels.segment.shape[0]} rows x {self.labels.length} positions but the "
                 f"model attends with {B} rows x {Tk} keys; call generate() through stepscope or bind labels"
             )
-        (q_seg, _, q_fire, q_fsum), (k_seg, k_step) = self.labels.window(Tq, Tk)
+        v = self._views(Tq, Tk)
         out, weights = proceed(call)
-        if in_oeb and self.config.tau_max > 0:
-            out, weights = self._oeb(call, out, weights, q_seg, k_seg)
-        if in_smi and self.config.alpha > 0:
-            fire = torch.where(q_fire >= 0, q_fire, q_fsum if self.config.smi_at_summary else q_fire)
-            if bool((fire >= 0).any()):
-                out = self._smi(call, out, fire, k_seg, k_step)
+        if in_oeb and self.config.tau_max > 0 and v.any_editable:
+            out, weights = self._oeb(call, out, weights, v)
+        if in_smi and self.config.alpha > 0 and v.any_fire:
+            out = self._smi(call, out, v.fire, v.k_seg, v.k_step)
         return out, weights
 
-    def _oeb(self, call, base_out, base_weights, q_seg, k_seg):
-        bridge, current, editable = groups(q_seg, k_seg)
-        if not bool(editable.any()):
-            return base_out, base_weights
+    def _oeb(self, call, base_out, base_weights, views: "_Views"):
+        bridge, current, editable = views.bridge, views.current, views.editable
         Tq, Tk = call.query.shape[2], call.key.shape[2]
         q_offset = Tk - Tq
         layer = call.layer_idx
@@ -177,6 +199,8 @@ class StepFlowHandle:
             weights.append(res.probs.to(call.query.dtype))
         if not any_edit:
             return base_out, base_weights
+        if len(outs) == 1:  # decoding: one chunk
+            return outs[0].contiguous(), weights[0]
         return torch.cat(outs, dim=1).contiguous(), torch.cat(weights, dim=2)
 
     def _record_oeb(self, layer, res, editable):
