@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for T in args.lengths:
-        eng = run_isolated("bench_saliency", "engine", T, args.steps, 256.0, args.threads)
+        eng = run_isolated("bench_saliency", "engine", T, args.steps, args.threads)
         flo = run_isolated("bench_saliency", "floor", T, args.steps, args.threads)
         row = {"T": eng["T"], "steps": eng["steps"], "engine_s": eng["seconds"], "engine_gb": eng["peak_rss_gb"],
                "floor_s": flo["seconds"], "floor_gb": flo["peak_rss_gb"],
