@@ -39,12 +39,14 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("chunk_mb", [0.004, 0.03, 64])  # 1, ~8 and all rows per chunk
-@pytest.mark.parametrize("method", ["layerwise", "whole"])
-def test_matches_brute_force_float32(tokenizers, traces, family, chunk_mb, method):
+@pytest.mark.parametrize("method, keep_mb", [("layerwise", 0), ("layerwise", 1e6), ("layerwise", 0.2),
+                                            ("whole", 0)])
+def test_matches_brute_force_float32(tokenizers, traces, family, chunk_mb, method, keep_mb):
+    """keep_mb: recompute every layer / keep every graph but the probe's / keep the top one (0.2 MB)."""
     tok = tokenizers["think"]
     model = tiny_model(family, tok, layers=3, dtype=torch.float32)
     results = stepscope.step_saliency(model, tok, traces, batch_size=2, chunk_mb=chunk_mb, method=method,
-                                      progress=False)
+                                      keep_mb=keep_mb, progress=False)
     for t, r in zip(traces, results):
         ref, ref_other = reference_sums(model, t)
         assert r.sums.shape == (3, len(t.steps), len(t.steps))

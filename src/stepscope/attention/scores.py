@@ -55,8 +55,8 @@ def logits_block(call: AttentionCall, b, q0: int, q1: int, k0: int, k1: int, q_o
     k = compute_dtype(call.key[rows, :, k0:k1])  # (n, H_kv, kl, D)
     n, H, c, D = q.shape
     n_kv = k.shape[1]
+    q = q * call.scaling  # scaling the (smaller) queries saves a pass over the logits
     logits = (q.reshape(n, n_kv, (H // n_kv) * c, D) @ k.transpose(-1, -2)).reshape(n, H, c, k.shape[2])
-    logits.mul_(call.scaling)
     cap = call.softcap
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -75,11 +75,19 @@ def _apply_mask(call: AttentionCall, logits: torch.Tensor, rows: slice, q0, q1, 
             logits.add_(m.to(logits.dtype))
             logits.masked_fill_(m <= torch.finfo(m.dtype).min / 2, float("-inf"))
         return
+    w = sliding_window_of(call)
+    if mask is None and not w:
+        # purely causal: only the block of keys at or after the first query can hold future positions
+        start = q_offset + q0 - k0
+        if start < k1 - k0:
+            block = logits[..., start:]
+            future = torch.ones(block.shape[-2:], dtype=torch.bool, device=device).triu(1)
+            block.masked_fill_(future, float("-inf"))
+        return
     # no 4D mask: causal (+ window) by position, and a 2D padding mask if given (flash attention)
     qpos = torch.arange(q_offset + q0, q_offset + q1, device=device)[:, None]
     kpos = torch.arange(k0, k1, device=device)[None, :]
     allowed = (kpos <= qpos)[None, None]
-    w = sliding_window_of(call)
     if w:
         allowed = allowed & (kpos > qpos - w)[None, None]
     if mask is not None and mask.dim() == 2:
@@ -103,4 +111,6 @@ def probabilities(call: AttentionCall, logits: torch.Tensor) -> torch.Tensor:
     else:
         lse = log_normaliser(call, logits)
         p = logits.sub_(lse.unsqueeze(-1)).exp_()
+    if call.attention_mask is None and call.sinks is None:
+        return p  # causal without padding: every row sees at least itself
     return torch.nan_to_num_(p, nan=0.0)  # rows with no visible key (padding queries)

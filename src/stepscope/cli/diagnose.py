@@ -37,6 +37,8 @@ def _common(p, out_default: str) -> None:
     g.add_argument("--target", default="all", choices=["all", "generated", "summary"],
                    help="next-token losses that make up L (default: every target token)")
     g.add_argument("--chunk-mb", type=float, default=256.0, help="memory budget of one chunk of query rows (MB)")
+    g.add_argument("--keep-mb", type=float, default=1024.0,
+                   help="memory for keeping top layers' graphs instead of recomputing them (0: leanest)")
     g.add_argument("--band-fraction", type=float, default=0.25, help="shallow/deep band size (default: a quarter)")
     add_stepflow_args(p)
     add_out_arg(p, out_default)
@@ -74,7 +76,7 @@ def _compute(args):
         print(f"== trace {i}: {len(trace)} tokens, {len(trace.steps)} steps ({', '.join(trace.labels[:12])}"
               f"{'...' if len(trace.steps) > 12 else ''})")
         print(trace.pretty(max_chars=160))
-        kw = dict(target=args.target, chunk_mb=args.chunk_mb, band_fraction=args.band_fraction)
+        kw = dict(target=args.target, chunk_mb=args.chunk_mb, keep_mb=args.keep_mb, band_fraction=args.band_fraction)
         results = {"baseline": step_saliency(model, tok, trace, **kw)}
         if stepflow is not None:
             results["StepFlow"] = step_saliency(model, tok, trace, stepflow=stepflow, **kw)

@@ -17,6 +17,7 @@ def step_saliency(
     *,
     target: str = "all",
     chunk_mb: float = 256.0,
+    keep_mb: float = 1024.0,
     batch_size: int = 1,
     stepflow=None,
     band_fraction: float = 0.25,
@@ -27,6 +28,8 @@ def step_saliency(
 
     ``target``: which next-token losses form L — ``"all"`` (every target token), ``"generated"`` (response
     tokens) or ``"summary"`` (summary tokens). ``chunk_mb``: memory budget of one chunk of query rows.
+    ``keep_mb``: memory for keeping the top layers' autograd graphs from the first pass instead of recomputing
+    them (faster; 0 recomputes every layer, the leanest setting).
     ``batch_size``: traces computed together (left-padded). ``stepflow``: a ``StepFlowConfig`` to measure the
     flow with StepFlow's edits on (teacher-forced). The model is left exactly as it was.
     """
@@ -44,7 +47,7 @@ def step_saliency(
             )
     if batch_size < 1:
         raise StepscopeError("batch_size must be at least 1")
-    opts = SaliencyOptions(target=target, chunk_mb=chunk_mb, method=method, progress=progress)
+    opts = SaliencyOptions(target=target, chunk_mb=chunk_mb, keep_mb=keep_mb, method=method, progress=progress)
     import contextlib
 
     if stepflow is not None:

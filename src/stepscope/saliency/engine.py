@@ -32,6 +32,7 @@ TARGETS = ("all", "generated", "summary")
 class SaliencyOptions:
     target: str = "all"  # which next-token losses make up L
     chunk_mb: float = 256.0  # memory budget of one chunk of query rows
+    keep_mb: float = 1024.0  # memory for keeping top layers' graphs from the first pass (0: recompute all)
     loss_chunk: int = 512  # rows of logits computed at once for the loss
     method: str = "auto"  # "layerwise", "whole" or "auto"
     progress: bool = True
@@ -43,6 +44,8 @@ class SaliencyOptions:
             raise StepscopeError("method must be auto, layerwise or whole")
         if self.chunk_mb <= 0:
             raise StepscopeError("the chunk budget must be positive (MB)")
+        if self.keep_mb < 0:
+            raise StepscopeError("keep_mb must be >= 0")
 
 
 @dataclass
@@ -149,35 +152,89 @@ def _layer_kinds(model, capture: Capture, n_layers: int) -> None:
         )
 
 
+class _FirstPass:
+    """Hooks for the first forward: keep every layer's input and output; measure one layer's activation memory
+    on layer 0 (run with gradients) and keep the autograd graphs of as many top layers as ``keep_mb`` allows, so
+    that those need no recomputation."""
+
+    def __init__(self, n_layers: int, keep_mb: float, params: set[int]):
+        self.n, self.keep_mb, self.params = n_layers, keep_mb, params
+        self.inputs: dict[int, tuple] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (input leaf, output)
+        self.kept: set[int] = set()
+        self._probe_bytes = 0
+        self._probe_storages: set[int] = set()
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.params and ptr not in self._probe_storages:
+            self._probe_storages.add(ptr)
+            self._probe_bytes += t.untyped_storage().nbytes()
+        return t
+
+    def pre(self, i):
+        def hook(module, args, kwargs):
+            self.inputs[i] = (args, kwargs)
+            probe = i == 0 and self.keep_mb > 0
+            if not (probe or i in self.kept):
+                return None
+            torch.set_grad_enabled(True)
+            if probe:
+                self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+                self._ctx.__enter__()
+            leaf = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            self.graphs[i] = (leaf, None)
+            return ((leaf,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=leaf))
+
+        return hook
+
+    def post(self, i):
+        def hook(module, args, kwargs, out):
+            out = out[0] if isinstance(out, tuple) else out
+            if i == 0 and self._ctx is not None:
+                self._ctx.__exit__(None, None, None)
+                self._ctx = None
+                per_layer = max(self._probe_bytes, 1)
+                keep = min(self.n - 1, int(self.keep_mb * 2**20 // per_layer))
+                self.kept = set(range(self.n - keep, self.n))
+                del self.graphs[0]
+                torch.set_grad_enabled(False)
+                out = out.detach()  # the probe's graph is not kept
+                self.outputs[i] = out
+                return out
+            self.outputs[i] = out
+            if i in self.kept:
+                self.graphs[i] = (self.graphs[i][0], out)
+                torch.set_grad_enabled(i + 1 in self.kept)  # the layers above run with or without gradients
+            return None
+
+        return hook
+
+
 def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
     layers = decoder_layers(model)
-    inputs: dict[int, tuple] = {}
-    outputs: dict[int, torch.Tensor] = {}
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            inputs[i] = (args, kwargs)
-
-        return hook
-
-    def post(i):
-        def hook(module, args, kwargs, out):
-            outputs[i] = out[0] if isinstance(out, tuple) else out
-
-        return hook
-
-    capture = Capture(wanted=None)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    first = _FirstPass(n_layers, opts.keep_mb, params)
+    capture = Capture(wanted=set())
     handles = []
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
-            handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(first.pre(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(first.post(i), with_kwargs=True))
+
+        def kept_layers():  # the Capture records kept layers during the first pass (their gradients come later)
+            return first.kept
+
+        capture.wanted = _LiveSet(kept_layers)
         with install(model, capture, outermost=True), torch.no_grad():
             model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     _layer_kinds(model, capture, n_layers)
+    inputs, outputs = first.inputs, first.outputs
 
     def hidden(i):
         args, kwargs = inputs[i]
@@ -189,31 +246,48 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
 
     grad, losses = _loss_grad(model, outputs[n_layers - 1], ids, weights, opts.loss_chunk)
     del outputs
+    kept_records = dict(capture.records)
     layer_sums, layer_other = {}, {}
     capture = Capture(wanted=set())
     bar = _bar(n_layers, opts.progress, "step-saliency")
     with install(model, capture, outermost=True):
         for i in reversed(range(n_layers)):
             args, kwargs = inputs.pop(i)
-            h = hidden_input = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
-            new_args = (h,) + tuple(args[1:]) if args else args
-            new_kwargs = kwargs if args else dict(kwargs, hidden_states=h)
-            capture.wanted, capture.records = {i}, {}
-            with torch.enable_grad():
-                out = layers[i](*new_args, **new_kwargs)
-                out = out[0] if isinstance(out, tuple) else out
+            x = args[0] if args else kwargs["hidden_states"]
+            if i in first.graphs:  # graph kept from the first pass
+                hidden_input, out = first.graphs.pop(i)
+                rec = kept_records.pop(i, None)
                 (grad,) = torch.autograd.grad(out, hidden_input, grad_outputs=grad)
-            rec = capture.records.get(i)
+            else:
+                h = hidden_input = x.detach().requires_grad_(True)
+                new_args = (h,) + tuple(args[1:]) if args else args
+                new_kwargs = kwargs if args else dict(kwargs, hidden_states=h)
+                capture.wanted, capture.records = {i}, {}
+                with torch.enable_grad():
+                    out = layers[i](*new_args, **new_kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    (grad,) = torch.autograd.grad(out, hidden_input, grad_outputs=grad)
+                rec = capture.records.get(i)
             if rec is None or rec.grad_out is None:
                 raise UnsupportedModelError(f"layer {i} of {type(model).__name__} gave no attention gradient")
             _check_finite(rec.grad_out, f"the attention-output gradient of layer {i}")
             layer_sums[i], layer_other[i] = layer_step_sums(
                 rec.call, rec.grad_out, rows, budget_mb=opts.chunk_mb, edit=_bind(edit, i)
             )
-            del rec, out, h
+            del rec, out
             bar.update(1)
     bar.close()
     return _finish(layer_sums, layer_other, n_layers, rows, losses)
+
+
+class _LiveSet:
+    """A set whose members are looked up when asked (the kept layers are decided during the first pass)."""
+
+    def __init__(self, get):
+        self._get = get
+
+    def __contains__(self, x) -> bool:
+        return x in self._get()
 
 
 def _bind(prob_edit, layer):

@@ -62,7 +62,9 @@ def _layer_step_sums(call, grad_out, rows, budget_mb, edit):
     B, H, T, D = call.query.shape
     q_offset = call.key.shape[2] - T
     dO = grad_out.transpose(1, 2)  # (B, H, T, D)
-    chunk = rows_per_chunk(H, call.key.shape[2], budget_mb)
+    # at most ~1/8 of the rows per chunk: a chunk computes against all keys up to its last row, so smaller
+    # chunks waste less of the causal triangle
+    chunk = min(rows_per_chunk(H, call.key.shape[2], budget_mb), max(64, -(-T // 8)))
     sums, other = [], []
     for b, idx in enumerate(rows):
         S = idx.n_steps
