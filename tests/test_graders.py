@@ -286,3 +286,17 @@ def test_grade_many_in_process_matches_the_pool():
     problems = [math_problem("3"), choice_problem("A"), ADD]
     responses = ["\\boxed{3}", "answer: a", GOOD_ADD]
     assert grade_many(problems, responses, workers=0, timeout_s=5) == grade_many(problems, responses, workers=2, timeout_s=5)
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("The final answer to the arithmetic problem is 1.<|im_end|>", "1"),  # not 'to the arithmetic problem is 1'
+    ("Final answer: 4 - 1 = 3'.<|im_end|>", "3"),  # the result after '=', quotes and special tokens dropped
+    ("The final answer is 6 + 0 = 6.<|im_end|>", "6"),
+    ("1 + 5 = 6<｜end▁of▁sentence｜>", "6"),
+])
+def test_small_model_answer_lines(response, expected):
+    from stepscope.evaluation.datasets import Problem
+
+    p = Problem("t/0", "q", expected, "math", {"numeric": True})
+    assert extract_answer(p, response) == expected
+    assert grade(p, response).correct

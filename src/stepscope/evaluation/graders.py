@@ -43,9 +43,13 @@ class Grade:
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# "Final answer: X", "final answer is X", "the answer is X" -- but not "the final answer to the problem is X",
+# whose X the last-number fallback finds
 _FINAL_LINE = re.compile(
-    r"(?im)(?:final\s+answer|the\s+(?:final\s+)?answer\s+is)\s*(?:is\s*)?[:：]?\s*(.+?)\s*$"
+    r"(?im)(?:final\s+answer\s*(?:is\b|[:：])|(?:the\s+)?(?:final\s+)?answer\s+is\b)\s*[:：]?\s*(.+?)\s*$"
 )
+# special tokens such as <|im_end|> or <｜end▁of▁sentence｜> are not part of an answer
+_SPECIAL_TOKEN = re.compile(r"<\|[^|>\s]{1,40}\|>|<｜[^｜>]{1,40}｜>")
 _ANSWER_TAG = re.compile(r"(?is)<answer>(.*?)</answer>")
 _SUMMARY_MARKERS = (re.compile(r"</think>"), re.compile(r"<\|channel\|>final.*?<\|message\|>", re.S))
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)(?:```|\Z)", re.S)
@@ -77,8 +81,8 @@ def _regions(response: str) -> list[str]:
 
 
 def _clean(answer: str) -> str:
-    """Strip markdown, dollar signs and a trailing full stop from an answer written in prose."""
-    answer = answer.strip().strip("*").strip().rstrip(".").strip()
+    """Strip markdown, quotes, dollar signs and a trailing full stop from an answer written in prose."""
+    answer = answer.strip().strip("*'\"`").strip().rstrip(".").strip().strip("'\"`").strip()
     if answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
         answer = answer.strip("$").strip()
     return answer.rstrip(".").strip()
@@ -86,7 +90,15 @@ def _clean(answer: str) -> str:
 
 def _final_line(text: str) -> str | None:
     matches = [m.group(1) for m in _FINAL_LINE.finditer(text) if _clean(m.group(1))]
-    return _clean(matches[-1]) if matches else None
+    if not matches:
+        return None
+    answer = _clean(matches[-1])
+    # "Final answer: 4 - 1 = 3" states the result after the last "=" (but keep "x = 3"-style text intact)
+    if "=" in answer and "\\" not in answer:
+        rhs = _clean(answer.rsplit("=", 1)[1])
+        if rhs:
+            return rhs
+    return answer
 
 
 def _last_line(text: str) -> str | None:
@@ -101,6 +113,7 @@ def _last_number(text: str) -> str | None:
 
 def _first_found(text: str, *finders: Callable[[str], str | None]) -> str | None:
     for region in _regions(text):
+        region = _SPECIAL_TOKEN.sub("", region)
         for finder in finders:
             found = finder(region)
             if found:
