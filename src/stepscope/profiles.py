@@ -50,7 +50,7 @@ PLAIN = FormatProfile(
     name="plain",
     description="plain instruct model: the answer line (Final answer: / The answer is / \\boxed) starts the "
     "summary, else the last paragraph",
-    answer_line=r"(?i)final answer\s*[:：]|the (?:final )?answer is\b|\\boxed\{",
+    answer_line=r"(?i)final answer\s{0,8}[:：]|the (?:final )?answer is|\\boxed\{",  # no lookahead: streamable
     last_paragraph=True,
     max_marker_chars=24,
     instruction=(
