@@ -333,3 +333,19 @@ def test_every_prompt_style_covers_every_grader_and_unknown_profiles_fail():
         assert set(ds.GRADERS) <= set(style)
     with pytest.raises(StepscopeError, match="unknown prompt profile"):
         build_user_message(_problem("math"), "chatty")
+
+
+def test_organism_sets_are_math_problems_prompted_with_the_bare_question():
+    problems = load_problems("organism:easy", size=4, seed=0, limit=2)
+    assert [p.meta["index"] for p in problems] == [0, 1]
+    assert all(p.grader == "math" and p.meta["raw_prompt"] for p in problems)
+    assert problems[0].answer.lstrip("-").isdigit()
+    assert build_user_message(problems[0], "plain") == problems[0].question  # no instruction appended
+    # an index past the default size grows the set rather than failing; the stream is the same
+    far = load_problems("organism:easy", seed=0, indices=[150])
+    assert far[0].meta["index"] == 150 and far[0].id.endswith("-150")
+    assert load_problems("organism:easy", size=2, seed=0)[1].question == problems[1].question
+    with pytest.raises(StepscopeError, match="difficulty"):
+        load_problems("organism:impossible", size=2)
+    with pytest.raises(StepscopeError, match="--rg"):
+        load_problems("organism:easy", rg_params={"x": 1})

@@ -109,16 +109,6 @@ def test_shard_parsing_and_selection():
             parse_shard(bad)
 
 
-def test_organism_problems_become_math_problems_with_a_bare_prompt():
-    problems = runner.organism_problems("easy", n=4, seed=0, limit=2)
-    assert len(problems) == 2
-    assert all(p.grader == "math" and p.meta["raw_prompt"] for p in problems)
-    assert problems[0].answer.lstrip("-").isdigit()
-    assert runner._prompt(problems[0], "plain", True) == problems[0].question
-    with pytest.raises(StepscopeError, match="difficulty"):
-        runner.organism_problems("impossible", n=2)
-
-
 # --- run.json ------------------------------------------------------------------------------------------------------
 
 

@@ -10,8 +10,6 @@ from ..errors import StepscopeError
 from .common import add_generation_args, add_model_args, add_out_arg
 from .stepflow_args import add_stepflow_args, stepflow_from_args
 
-ORGANISM_PREFIX = "organism:"
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -74,8 +72,8 @@ def condition_names(args) -> list[str]:
 
 def load_eval_problems(args):
     """The problems and the dataset description recorded in run.json."""
-    from ..evaluation.datasets import load_problems, load_problems_from_file, parse_indices, parse_rg_params
-    from ..evaluation.runner import organism_problems
+    from ..evaluation.datasets import (ORGANISM_PREFIX, load_problems, load_problems_from_file, parse_indices,
+                                       parse_rg_params)
 
     indices = parse_indices(args.indices) if args.indices else None
     desc = {"limit": args.limit, "indices": indices}
@@ -89,13 +87,6 @@ def load_eval_problems(args):
                     id_field=args.id_field, grader=args.grader)
     elif not args.dataset:
         raise StepscopeError("no problems: pass --dataset NAME (e.g. gsm8k) or --data-file FILE.jsonl")
-    elif args.dataset.startswith(ORGANISM_PREFIX):
-        if args.rg:
-            raise StepscopeError("--rg applies to rg:<task> sets only")
-        difficulty = args.dataset[len(ORGANISM_PREFIX):]
-        size = args.rg_size or args.limit or 100
-        problems = organism_problems(difficulty, n=size, seed=args.data_seed, limit=args.limit, indices=indices)
-        desc.update(name=args.dataset, size=size, data_seed=args.data_seed)
     else:
         if args.rg and not args.dataset.startswith("rg:"):
             raise StepscopeError(f"--rg applies to rg:<task> sets only, not {args.dataset}")
@@ -103,7 +94,9 @@ def load_eval_problems(args):
         problems = load_problems(args.dataset, data_dir=args.data_dir, limit=args.limit, indices=indices,
                                  rg_params=rg, seed=args.data_seed, size=args.rg_size)
         desc["name"] = args.dataset
-        if args.dataset.startswith("rg:"):
+        if args.dataset.startswith(ORGANISM_PREFIX):
+            desc.update(size=args.rg_size or args.limit or 100, data_seed=args.data_seed)
+        elif args.dataset.startswith("rg:"):
             desc.update(rg_params=rg, size=args.rg_size, data_seed=args.data_seed)
     if not problems:
         raise StepscopeError("the selection holds no problems; check --indices / --limit")

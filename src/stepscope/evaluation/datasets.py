@@ -36,6 +36,7 @@ __all__ = [
 DATA_DIR_ENV = "STEPSCOPE_DATA_DIR"
 GRADERS = ("math", "choice", "exact", "code", "rg")
 RG_PREFIX = "rg:"
+ORGANISM_PREFIX = "organism:"
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,12 @@ def load_problems(
     seed: int = 0,
     size: int | None = None,
 ) -> list[Problem]:
-    """Load a named benchmark (offline from ``data_dir`` or the hub) or generate ``rg:<task>`` problems."""
+    """Load a named benchmark (offline from ``data_dir`` or the hub), or generate ``rg:<task>`` or
+    ``organism:<difficulty>`` problems (``size`` of them, default ``limit`` or 100 for the organism)."""
+    if name.startswith(ORGANISM_PREFIX):
+        if rg_params:
+            raise StepscopeError("--rg only applies to rg:<task> datasets; drop it for " + name)
+        return _load_organism(name[len(ORGANISM_PREFIX):], seed, size or limit or 100, limit, indices)
     if name.startswith(RG_PREFIX):
         return _load_rg(name[len(RG_PREFIX):], rg_params or {}, seed, size, limit, indices)
     if rg_params:
@@ -429,6 +435,22 @@ def _rg_tasks() -> list[str]:
     return sorted(RG_DATASETS)
 
 
+def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> list[Problem]:
+    """The organism's evaluation problems (math grader). The organism was trained on the bare question, so the
+    prompt carries no instruction (``raw_prompt``)."""
+    from ..organism.tasks import organism_problems  # noqa: PLC0415 - only this dataset needs it
+
+    if indices:
+        size = max(size, max(indices) + 1)
+    records = organism_problems(difficulty, size, seed)
+    name = ORGANISM_PREFIX + difficulty
+    problems = []
+    for i, rec in _select(records, limit, indices, name):
+        meta = {**rec["meta"], "dataset": name, "index": i, "raw_prompt": True}
+        problems.append(Problem(str(rec["id"]), rec["question"], rec["answer"], "math", meta))
+    return problems
+
+
 def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, limit, indices) -> list[Problem]:
     """Generate reasoning-gym problems offline; item i depends on the seed and i, not on ``size``."""
     import reasoning_gym  # noqa: PLC0415
@@ -503,6 +525,8 @@ def build_user_message(problem: Problem, profile: Any) -> str:
     style = PROFILE_STYLES.get(profile_name)
     if style is None:
         raise StepscopeError(f"unknown prompt profile {profile_name!r}; choose one of {', '.join(PROFILE_STYLES)}")
+    if problem.meta.get("raw_prompt"):
+        return problem.question
     kind = problem.meta.get("prompt_kind", problem.grader)
     instruction = INSTRUCTIONS[style].get(kind) or INSTRUCTIONS[style].get(problem.grader)
     if instruction is None:

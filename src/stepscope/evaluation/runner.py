@@ -38,7 +38,6 @@ __all__ = [
     "build_conditions",
     "distributed_context",
     "merge_results",
-    "organism_problems",
     "parse_conditions",
     "parse_shard",
     "prepare_run_dir",
@@ -219,35 +218,6 @@ def sample_seed(base_seed: int, problem_id: str, sample: int) -> int:
     """The seed of one (problem, sample): a stable hash (not Python's salted ``hash``), shared by all conditions."""
     digest = hashlib.sha256(f"{base_seed}\x1f{problem_id}\x1f{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: valid for torch.Generator.manual_seed
-
-
-# --- organism problems --------------------------------------------------------------------------------------
-
-
-def organism_problems(difficulty: str, *, n: int = 100, seed: int = 0, limit: int | None = None,
-                      indices: Sequence[int] | None = None) -> list[Problem]:
-    """The organism's held-out problems as :class:`Problem` (math grader; prompted with the bare question)."""
-    try:
-        from ..organism.tasks import organism_problems as make  # noqa: PLC0415 - optional component
-    except ImportError as exc:
-        raise StepscopeError(f"the organism tasks are not available in this install ({exc}); "
-                             "organism:<difficulty> needs stepscope.organism.tasks") from None
-    if indices:
-        n = max(n, max(indices) + 1)
-    records = make(difficulty, n, seed)
-    chosen = list(range(len(records))) if indices is None else list(indices)
-    for i in chosen:
-        if not 0 <= i < len(records):
-            raise StepscopeError(f"index {i} is out of range: organism:{difficulty} has {len(records)} problems")
-    if limit is not None:
-        chosen = chosen[:limit]
-    out = []
-    for i in chosen:
-        rec = records[i]
-        # the organism was trained on the bare question: no instruction is appended (raw_prompt)
-        meta = {**rec.get("meta", {}), "dataset": f"organism:{difficulty}", "index": i, "raw_prompt": True}
-        out.append(Problem(str(rec["id"]), str(rec["question"]), str(rec["answer"]), "math", meta))
-    return out
 
 
 # --- shards and processes -----------------------------------------------------------------------------------
