@@ -82,3 +82,13 @@ def test_all_correct_gives_a_clear_message(run_dir, tmp_path, capsys):
     code = main(["analyze", "--model", str(model_dir), "--traces", str(run), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "are correct: correct vs wrong cannot be compared" in capsys.readouterr().err
+
+
+def test_limit_takes_the_first_problems_of_a_trace_run(run_dir, tmp_path):
+    model_dir, run, _ = run_dir
+    out = tmp_path / "o"
+    assert main(["analyze", "--model", str(model_dir), "--traces", str(run), "--limit", "2", "--out", str(out),
+                 "--n-boot", "100"]) == 0
+    m = json.loads((out / "analysis.json").read_text())["models"][0]
+    assert (m["n_correct"], m["n_wrong"]) == (2, 2)  # problems p0 and p1, both samples each
+    assert main(["analyze", "--model", str(model_dir), "--traces", str(run), "--limit", "0", "--out", str(out)]) == 2

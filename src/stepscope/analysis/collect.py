@@ -31,6 +31,18 @@ def graded_traces(run_dir: Path, condition: str) -> list[tuple[dict, Trace]]:
     return out
 
 
+def first_problems(rows: list[tuple[dict, Trace]], limit: int) -> list[tuple[dict, Trace]]:
+    """The rows of the first ``limit`` problems in run order, all their samples: ``--limit`` on ``--traces``."""
+    if limit < 1:
+        raise StepscopeError("--limit must be at least 1")
+    keep: dict[str, None] = {}
+    for r, _ in rows:
+        if len(keep) == limit:
+            break
+        keep.setdefault(str(r.get("problem_id")), None)
+    return [(r, t) for r, t in rows if str(r.get("problem_id")) in keep]
+
+
 def cache_key(model_name: str, trace: Trace, options: dict) -> str:
     doc = json.dumps({"model": model_name, "ids": trace.token_ids, "prompt_len": trace.prompt_len,
                       "steps": [(s.kind, s.start, s.end) for s in trace.steps], "options": options}, sort_keys=True)

@@ -74,7 +74,7 @@ def _run_dir(args, model_name: str, index: int) -> Path:
 
 
 def run(args) -> int:
-    from ..analysis.collect import analysed, cached_saliency, graded_traces
+    from ..analysis.collect import analysed, cached_saliency, first_problems, graded_traces
     from ..analysis.compare import compare_groups, mechanism_check
     from ..analysis.report import write_analysis_report
     from ..models import load_model
@@ -90,6 +90,8 @@ def run(args) -> int:
     for i, name in enumerate(args.model):
         run_dir = _run_dir(args, name, i)
         rows = graded_traces(run_dir, condition)
+        if args.traces and args.limit is not None:
+            rows = first_problems(rows, args.limit)
         model, tok = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         opts = dict(target=args.target, chunk_mb=args.chunk_mb, band_fraction=args.band_fraction)
         cache = args.out / "saliency" / _slug(name)
