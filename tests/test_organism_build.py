@@ -89,6 +89,23 @@ def test_build_end_to_end_writes_model_and_metadata(cache):
     assert not forced.cached and forced.metadata["settings"]["train"]["steps"] == 2
 
 
+def test_a_changed_difficulty_ladder_refreshes_the_heldout_numbers_not_the_weights(cache, monkeypatch):
+    from stepscope.organism.tasks import DIFFICULTIES, Difficulty
+
+    first = build(TINY, progress=False)
+    stamp = (first.path / "model.safetensors").stat().st_mtime_ns
+    harder = Difficulty("easy", 2, 2, long_steps=1, reach=2, max_value=20, max_addend=5)
+    monkeypatch.setitem(DIFFICULTIES, "easy", harder)
+    again = build(TINY, progress=False)
+    assert again.cached
+    assert again.metadata["heldout_difficulties"]["easy"]["max_steps"] == 2
+    assert first.metadata["heldout_difficulties"]["easy"]["max_steps"] == 4
+    assert again.metadata["heldout"]["easy"]["n"] == 2 and "heldout_measured" in again.metadata
+    assert json.loads((again.path / "organism.json").read_text()) == again.metadata
+    assert (again.path / "model.safetensors").stat().st_mtime_ns == stamp  # the weights are kept
+    assert build(TINY, progress=False).metadata == again.metadata  # now up to date: nothing re-measured
+
+
 def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):
     straight = build(TINY, out=tmp_path / "a", progress=False)
 

@@ -192,6 +192,8 @@ def build(config: BuildConfig | None = None, out: str | Path | None = None, forc
     existing = read_metadata(model_dir)
     if existing is not None and not force:
         if existing.get("fingerprint") == config.fingerprint():
+            if existing.get("heldout_difficulties") != heldout_ladder(config):
+                existing = refresh_heldout(model_dir, existing, config, progress)
             return BuildResult(model_dir, existing, cached=True)
         raise StepscopeError(
             f"an organism built with other settings exists in {model_dir}; pass --force to replace it "
@@ -212,6 +214,36 @@ def build(config: BuildConfig | None = None, out: str | Path | None = None, forc
                          session_seconds=time.perf_counter() - t_start)
     _save_model(model, tokenizer, metadata, model_dir)
     return BuildResult(model_dir, metadata, cached=False)
+
+
+def heldout_ladder(config: BuildConfig) -> dict:
+    """The knobs of each held-out difficulty, as recorded in organism.json."""
+    return {d: asdict(DIFFICULTIES[d]) for d in config.eval.difficulties}
+
+
+def refresh_heldout(model_dir: Path, metadata: dict, config: BuildConfig, progress: bool = False) -> dict:
+    """Re-measure a finished build's held-out accuracy for the current difficulty definitions.
+
+    The definitions are not part of the fingerprint (they do not change what is trained on), so a build made
+    under older definitions is kept and only its held-out numbers are brought up to date.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    t0 = time.perf_counter()
+    heldout = heldout_evaluation(model, tokenizer, config, progress)
+    updated = {
+        **metadata,
+        "heldout": heldout,
+        "heldout_difficulties": heldout_ladder(config),
+        "accuracy": {d: r["accuracy"] for d, r in heldout.items()},
+        "wall_seconds": {**metadata.get("wall_seconds", {}), "eval": round(time.perf_counter() - t0, 1)},
+        "heldout_measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    text = json.dumps(updated, indent=1)
+    (Path(model_dir) / METADATA).write_text(text)
+    return json.loads(text)  # as a later read_metadata sees it (JSON keys are strings)
 
 
 def read_metadata(model_dir: Path) -> dict | None:
@@ -458,7 +490,7 @@ def _metadata(config: BuildConfig, model, tokenizer, state: TrainState, heldout:
                   "kv_heads": config.model.kv_heads},
         "loss_curve": state.loss_curve,
         "heldout": heldout,
-        "heldout_difficulties": {d: asdict(DIFFICULTIES[d]) for d in config.eval.difficulties},
+        "heldout_difficulties": heldout_ladder(config),
         "accuracy": {d: r["accuracy"] for d, r in heldout.items()},
         "wall_seconds": {"train": round(state.train_seconds, 1), "eval": round(eval_seconds, 1),
                          "this_session": round(session_seconds, 1)},
