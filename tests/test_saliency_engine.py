@@ -99,14 +99,15 @@ def test_default_model_short_trace(default_model):
 
 def _state(model):
     return (model.config._attn_implementation, model.training,
-            [p.grad for p in model.parameters()], sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                                                      for m in model.modules()))
+            [p.grad for p in model.parameters()], [p.requires_grad for p in model.parameters()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
 
 
 def test_model_unchanged_after_call_and_after_error(tokenizers, traces):
     tok = tokenizers["think"]
     model = tiny_model("gpt_oss", tok)
     model.train()
+    model.get_input_embeddings().weight.requires_grad_(False)  # a user's frozen parameter stays frozen
     before = _state(model)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     stepscope.step_saliency(model, tok, traces[0], progress=False)

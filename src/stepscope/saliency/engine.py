@@ -107,11 +107,19 @@ def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, 
 
 @contextlib.contextmanager
 def _eval_mode(model):
+    """Eval mode and parameters without gradients for the call. Saliency needs gradients with respect to
+    activations only; with parameters frozen, autograd does not keep each projection's input for a weight
+    gradient, so a layer's graph is smaller and more top layers fit in ``keep_mb`` (fewer recomputed)."""
     was = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         yield
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was)
 
 
