@@ -80,12 +80,46 @@ def _base_function(base: str, module: torch.nn.Module):
     return fn
 
 
+class _Ungrouped:
+    """A view of an attention module whose key/value heads were already repeated to the query heads."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def expand_groups_for_sdpa(call: AttentionCall, force: bool = False) -> AttentionCall:
+    """On CUDA in float32, repeat grouped key/value heads before SDPA.
+
+    SDPA's grouped-query path (``enable_gqa``) has no float32 kernel on CUDA but the math one, which holds
+    heads x T x T scores: 9 GiB per layer at 16k tokens. With the heads repeated, the memory-efficient kernel runs
+    in O(T) memory. Exact float32 is what Step-Saliency and its checks run in, so this is the case that matters.
+    """
+    q, k = call.query, call.key
+    groups = getattr(call.module, "num_key_value_groups", 1)
+    wanted = force or (q.is_cuda and q.dtype == torch.float32)
+    if not wanted or groups <= 1 or q.shape[2] == 1 or k.shape[1] == q.shape[1]:
+        return call
+    n_rep = q.shape[1] // k.shape[1]
+
+    def rep(x):
+        b, h, t, d = x.shape
+        return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+    return AttentionCall(_Ungrouped(call.module), q, rep(k), rep(call.value), call.attention_mask, call.kwargs)
+
+
 def _make_dispatcher(base: str):
     def dispatch(module, query, key, value, attention_mask, **kwargs):
         base_fn = _base_function(base, module)
 
         def run(i: int, call: AttentionCall):
             if i == len(chain):
+                call = expand_groups_for_sdpa(call) if base == "sdpa" else call
                 return base_fn(call.module, call.query, call.key, call.value, call.attention_mask, **call.kwargs)
             return chain[i](call, lambda c: run(i + 1, c))
 
