@@ -181,7 +181,7 @@ class StepFlowHandle:
         Tq, Tk = call.query.shape[2], call.key.shape[2]
         q_offset = Tk - Tq
         layer = call.layer_idx
-        outs, weights, any_edit = [], [], False
+        outs, weights = [], []
         chunk = max(1, int(2**27 // max(1, call.query.shape[0] * call.query.shape[1] * Tk * 4)))
         for q0 in range(0, Tq, chunk):
             q1 = min(Tq, q0 + chunk)
@@ -190,15 +190,17 @@ class StepFlowHandle:
             res = odds_equal_bridge(logits, log_norm, bridge[:, :, q0:q1], current[:, :, q0:q1],
                                     editable[:, :, q0:q1], self.config.tau_max, self.config.eps)
             self._record_oeb(layer, res, editable[:, :, q0:q1])
-            any_edit |= bool(res.edited.any())
+            # No test of "was anything edited" here: reading it back would stall a GPU once per layer and token.
+            # Rows that were not edited keep the model's own output (and weights) bit for bit through where().
             v = compute_dtype(call.value)
             ours = ungroup_batched(group_batched(res.probs, v.shape[1]) @ v, call.query.shape[1])  # (B,H,c,D)
             keep = res.edited[..., None]
             base = base_out[:, q0:q1].transpose(1, 2)
             outs.append(torch.where(keep, ours.to(base.dtype), base).transpose(1, 2))
-            weights.append(res.probs.to(call.query.dtype))
-        if not any_edit:
-            return base_out, base_weights
+            probs = res.probs.to(call.query.dtype)
+            if base_weights is not None:
+                probs = torch.where(keep, probs, base_weights[:, :, q0:q1])
+            weights.append(probs)
         if len(outs) == 1:  # decoding: one chunk
             return outs[0].contiguous(), weights[0]
         return torch.cat(outs, dim=1).contiguous(), torch.cat(weights, dim=2)
