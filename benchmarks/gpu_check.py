@@ -70,12 +70,18 @@ def default_shaped_model(device, max_positions: int):
     return LlamaForCausalLM(cfg).to(device).eval()
 
 
-def long_trace(tok, tokens: int) -> stepscope.Trace:
+def sentences(tok, tokens: int) -> str:
+    """Numbered copies of SENTENCE, about ``tokens`` tokens of them."""
     parts, n = [], 0
-    while n < tokens - 40:
+    while n < tokens:
         parts.append(f"{SENTENCE} {len(parts)}.")
         n += len(tok(parts[-1] + " ")["input_ids"])
-    return stepscope.Trace.from_text(tok, "Add the numbers.", " ".join(parts) + "</think>The total is 42.<|im_end|>")
+    return " ".join(parts)
+
+
+def long_trace(tok, tokens: int) -> stepscope.Trace:
+    text = sentences(tok, tokens - 40) + "</think>The total is 42.<|im_end|>"
+    return stepscope.Trace.from_text(tok, "Add the numbers.", text)
 
 
 def timed(fn):
@@ -138,11 +144,7 @@ def _one_length(model, tok, device, T, reference_max) -> dict:
 
 def long_generation(device, prompt_tokens: int, new_tokens: int) -> dict:
     tok = tiny_tokenizer("think")
-    parts, n = [], 0
-    while n < prompt_tokens - 60:  # the chat template adds a few tokens
-        parts.append(f"{SENTENCE} {len(parts)}.")
-        n += len(tok(parts[-1] + " ")["input_ids"])
-    question = " ".join(parts)
+    question = sentences(tok, prompt_tokens - 60)  # the chat template adds a few tokens
     n_prompt = len(tok(question)["input_ids"])
     model = default_shaped_model(device, n_prompt + new_tokens + 128).to(torch.bfloat16)
     out = {"prompt_tokens": n_prompt, "new_tokens": new_tokens, "dtype": "bfloat16"}

@@ -72,8 +72,8 @@ def condition_names(args) -> list[str]:
 
 def load_eval_problems(args):
     """The problems and the dataset description recorded in run.json."""
-    from ..evaluation.datasets import (ORGANISM_PREFIX, load_problems, load_problems_from_file, parse_indices,
-                                       parse_rg_params)
+    from ..evaluation.datasets import (ORGANISM_PREFIX, load_problems, load_problems_from_file,
+                                       organism_set_size, parse_indices, parse_rg_params)
 
     indices = parse_indices(args.indices) if args.indices else None
     desc = {"limit": args.limit, "indices": indices}
@@ -95,7 +95,7 @@ def load_eval_problems(args):
                                  rg_params=rg, seed=args.data_seed, size=args.rg_size)
         desc["name"] = args.dataset
         if args.dataset.startswith(ORGANISM_PREFIX):
-            desc.update(size=args.rg_size or args.limit or 100, data_seed=args.data_seed)
+            desc.update(size=organism_set_size(args.rg_size, args.limit), data_seed=args.data_seed)
         elif args.dataset.startswith("rg:"):
             desc.update(rg_params=rg, size=args.rg_size, data_seed=args.data_seed)
     if not problems:

@@ -330,7 +330,7 @@ def load_problems(
     if name.startswith(ORGANISM_PREFIX):
         if rg_params:
             raise StepscopeError("--rg only applies to rg:<task> datasets; drop it for " + name)
-        return _load_organism(name[len(ORGANISM_PREFIX):], seed, size or limit or 100, limit, indices)
+        return _load_organism(name[len(ORGANISM_PREFIX):], seed, organism_set_size(size, limit), limit, indices)
     if name.startswith(RG_PREFIX):
         return _load_rg(name[len(RG_PREFIX):], rg_params or {}, seed, size, limit, indices)
     if rg_params:
@@ -433,6 +433,11 @@ def _rg_tasks() -> list[str]:
     from reasoning_gym.factory import DATASETS as RG_DATASETS  # noqa: PLC0415 - heavy, on demand
 
     return sorted(RG_DATASETS)
+
+
+def organism_set_size(size: int | None, limit: int | None) -> int:
+    """How many ``organism:`` problems a selection generates: ``size``, else ``limit``, else 100."""
+    return size or limit or 100
 
 
 def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> list[Problem]:

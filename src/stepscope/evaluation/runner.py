@@ -590,9 +590,7 @@ def _locked_append(path: Path) -> Iterator[Any]:
 
 
 def _prompt(problem: Problem, profile, instruction: bool) -> str:
-    if not instruction or problem.meta.get("raw_prompt"):
-        return problem.question
-    return build_user_message(problem, profile)
+    return build_user_message(problem, profile) if instruction else problem.question
 
 
 def _run_batch(model, tokenizer, units: Sequence[_Unit], condition: Condition, config: RunConfig, out: Path,

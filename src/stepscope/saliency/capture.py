@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ class LayerRecord:
 class Capture:
     """Records calls of the layers in ``wanted`` (None: none) and hooks the gradient at their outputs."""
 
-    wanted: set[int] | None = None
+    wanted: Container[int] | None = None
     seen: set[int] = field(default_factory=set)
     records: dict[int, LayerRecord] = field(default_factory=dict)
     on_grad: object = None  # optional callback(layer_idx, record) once dL/dO has arrived

@@ -192,9 +192,9 @@ class _FirstPass:
             if probe:
                 self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
                 self._ctx.__enter__()
-            leaf = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            leaf = _hidden_state(args, kwargs).detach().requires_grad_(True)
             self.graphs[i] = (leaf, None)
-            return ((leaf,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=leaf))
+            return _with_hidden_state(args, kwargs, leaf)
 
         return hook
 
@@ -220,22 +220,32 @@ class _FirstPass:
 
         return hook
 
+    def __contains__(self, layer) -> bool:
+        """Whether the Capture should record ``layer`` in the first pass: kept layers get their gradients later,
+        from the kept graph. (The kept set is decided on layer 0, so it is read when asked.)"""
+        return layer in self.kept
+
+
+def _hidden_state(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden-state input, passed positionally or by keyword."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden_state(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """The layer's call arguments with the hidden-state input replaced by ``h``."""
+    return ((h,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=h))
+
 
 def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
     layers = decoder_layers(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     first = _FirstPass(n_layers, opts.keep_mb, params)
-    capture = Capture(wanted=set())
+    capture = Capture(wanted=first)
     handles = []
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(first.pre(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(first.post(i), with_kwargs=True))
-
-        def kept_layers():  # the Capture records kept layers during the first pass (their gradients come later)
-            return first.kept
-
-        capture.wanted = _LiveSet(kept_layers)
         with install(model, capture, outermost=True), torch.no_grad():
             model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     finally:
@@ -244,12 +254,8 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
     _layer_kinds(model, capture, n_layers)
     inputs, outputs = first.inputs, first.outputs
 
-    def hidden(i):
-        args, kwargs = inputs[i]
-        return args[0] if args else kwargs["hidden_states"]
-
-    for i in range(n_layers - 1):
-        if hidden(i + 1) is not outputs[i]:  # something runs between layers: recomputation would be wrong
+    for i in range(n_layers - 1):  # something running between layers would make recomputation wrong
+        if _hidden_state(*inputs[i + 1]) is not outputs[i]:
             return _whole(model, ids, mask, pos, weights, rows, n_layers, opts, edit)
 
     grad, losses = _loss_grad(model, outputs[n_layers - 1], ids, weights, opts.loss_chunk)
@@ -261,15 +267,13 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
     with install(model, capture, outermost=True):
         for i in reversed(range(n_layers)):
             args, kwargs = inputs.pop(i)
-            x = args[0] if args else kwargs["hidden_states"]
             if i in first.graphs:  # graph kept from the first pass
                 hidden_input, out = first.graphs.pop(i)
                 rec = kept_records.pop(i, None)
                 (grad,) = torch.autograd.grad(out, hidden_input, grad_outputs=grad)
             else:
-                h = hidden_input = x.detach().requires_grad_(True)
-                new_args = (h,) + tuple(args[1:]) if args else args
-                new_kwargs = kwargs if args else dict(kwargs, hidden_states=h)
+                hidden_input = _hidden_state(args, kwargs).detach().requires_grad_(True)
+                new_args, new_kwargs = _with_hidden_state(args, kwargs, hidden_input)
                 capture.wanted, capture.records = {i}, {}
                 with torch.enable_grad():
                     out = layers[i](*new_args, **new_kwargs)
@@ -286,16 +290,6 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
             bar.update(1)
     bar.close()
     return _finish(layer_sums, layer_other, n_layers, rows, losses)
-
-
-class _LiveSet:
-    """A set whose members are looked up when asked (the kept layers are decided during the first pass)."""
-
-    def __init__(self, get):
-        self._get = get
-
-    def __contains__(self, x) -> bool:
-        return x in self._get()
 
 
 def _bind(prob_edit, layer):

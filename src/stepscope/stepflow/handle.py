@@ -183,6 +183,7 @@ class StepFlowHandle:
         layer = call.layer_idx
         outs, weights = [], []
         chunk = max(1, int(2**27 // max(1, call.query.shape[0] * call.query.shape[1] * Tk * 4)))
+        v = compute_dtype(call.value)
         for q0 in range(0, Tq, chunk):
             q1 = min(Tq, q0 + chunk)
             logits = logits_block(call, slice(None), q0, q1, 0, Tk, q_offset)  # (B, H, c, Tk)
@@ -192,7 +193,6 @@ class StepFlowHandle:
             self._record_oeb(layer, res, editable[:, :, q0:q1])
             # No test of "was anything edited" here: reading it back would stall a GPU once per layer and token.
             # Rows that were not edited keep the model's own output (and weights) bit for bit through where().
-            v = compute_dtype(call.value)
             ours = ungroup_batched(group_batched(res.probs, v.shape[1]) @ v, call.query.shape[1])  # (B,H,c,D)
             keep = res.edited[..., None]
             base = base_out[:, q0:q1].transpose(1, 2)
