@@ -249,17 +249,6 @@ def test_a_failing_grader_becomes_a_wrong_grade(monkeypatch):
     assert not result.correct and "parser exploded" in result.detail
 
 
-def test_isolated_map_survives_a_crash_a_hang_and_an_exception():
-    items = ["1 + 1", "__import__('os')._exit(3)", "__import__('time').sleep(60)", "2 + 2", "1 / 0", "3 * 3"]
-    start = time.monotonic()
-    results = graders._map_isolated(eval, items, workers=2, deadline_s=2)
-    assert time.monotonic() - start < 20
-    assert results[0] == (True, 2) and results[3] == (True, 4) and results[5] == (True, 9)
-    assert results[1][0] is False and "died" in results[1][1]
-    assert results[2][0] is False and "longer than 2 s" in results[2][1]
-    assert results[4] == (False, "ZeroDivisionError: division by zero")
-
-
 def test_grade_many_grades_the_others_around_bad_samples():
     # 100 children that sleep (linear, never exponential), then wait for them: contained by the sandbox.
     bomb = ("```python\nimport os, time\ndef add(a, b):\n    for _ in range(100):\n        if os.fork() == 0:\n"
