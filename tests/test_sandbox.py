@@ -12,18 +12,22 @@ import pytest
 
 from stepscope import sandbox
 from stepscope.errors import StepscopeError
+from stepscope.sandbox import runner
 
-NAMESPACES = sandbox.isolation_mode() != "socket-guard"
+
+def _works(backend: str) -> bool:
+    try:
+        return bool(runner._working_plans(backend))
+    except StepscopeError:
+        return False
 
 
-@pytest.fixture(params=["namespaces", "socket-guard"])
+@pytest.fixture(params=list(sandbox.BACKENDS))
 def mode(request, monkeypatch):
-    """Run a test with the namespace wrapper (where this machine has one) and with the fallback guard."""
-    if request.param == "namespaces":
-        if not NAMESPACES:
-            pytest.skip("unshare cannot create namespaces here")
-    else:
-        monkeypatch.setattr(sandbox, "_namespace_prefix", lambda: None)
+    """Run a test under each isolation backend this machine supports (the fallbacks too)."""
+    if not _works(request.param):
+        pytest.skip(f"the {request.param} backend does not work here")
+    monkeypatch.setenv(sandbox.ENV_VAR, request.param)
     return request.param
 
 
@@ -55,7 +59,7 @@ def test_normal_program_returns_its_output(mode):
     result = sandbox.run_python("import sys\nprint('hello', sys.argv[1:])", args=["a", "b"], timeout_s=5)
     assert result.ok and result.status == "ok" and result.returncode == 0
     assert result.stdout == "hello ['a', 'b']\n"
-    assert result.isolation == ("socket-guard" if mode == "socket-guard" else sandbox.isolation_mode())
+    assert result.isolation == sandbox.isolation_mode() and result.isolation.startswith(mode)
 
 
 def test_exception_is_an_error_with_the_traceback(mode):
@@ -64,7 +68,7 @@ def test_exception_is_an_error_with_the_traceback(mode):
     assert "ValueError: boom" in result.stderr
 
 
-def test_environment_is_scrubbed_and_workdir_is_private_and_removed(monkeypatch):
+def test_environment_is_scrubbed_and_workdir_is_private_and_removed(mode, monkeypatch):
     monkeypatch.setenv("STEPSCOPE_TEST_SECRET", "hunter2")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     program = "import os, json\nprint(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd()}))"
@@ -74,9 +78,12 @@ def test_environment_is_scrubbed_and_workdir_is_private_and_removed(monkeypatch)
     assert "STEPSCOPE_TEST_SECRET" not in seen["env"] and "HTTPS_PROXY" not in seen["env"]
     assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS",
                                 "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PWD"}  # sh sets PWD
-    assert os.path.basename(seen["cwd"]).startswith(sandbox.TEMP_PREFIX)
     assert seen["env"]["HOME"] == seen["cwd"]
-    assert not os.path.exists(seen["cwd"])
+    if mode == "bwrap":  # a private tmpfs, invisible from the host
+        assert seen["cwd"] == "/sandbox/work"
+    else:
+        assert os.path.basename(seen["cwd"]).startswith(sandbox.TEMP_PREFIX)
+        assert not os.path.exists(seen["cwd"])
 
 
 def test_memory_bomb_is_stopped(mode):
@@ -136,8 +143,7 @@ def test_fork_bomb_is_contained_and_leaves_nothing(mode):
     assert _no_leftovers(token), f"sandbox children survived: {_processes_with(token)}"
 
 
-@pytest.mark.skipif(not NAMESPACES or "pidns" not in sandbox.isolation_mode(), reason="needs a PID namespace")
-def test_children_that_leave_the_process_group_still_die():
+def test_children_that_leave_the_process_group_still_die(mode):
     token = f"escape-{uuid.uuid4().hex}"
     program = (
         "import os, time\n"
@@ -179,7 +185,7 @@ def test_socket_use_without_handling_is_not_ok(mode):
     assert not result.ok and result.status == "error"
 
 
-def test_output_flood_is_capped():
+def test_output_flood_is_capped(mode):
     program = "import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000)\nprint('end')"
     result = sandbox.run_python(program, timeout_s=10, max_output_bytes=10_000)
     assert result.ok and result.truncated
@@ -189,3 +195,75 @@ def test_output_flood_is_capped():
 def test_invalid_limits_are_a_user_error():
     with pytest.raises(StepscopeError, match="positive"):
         sandbox.run_python("print(1)", timeout_s=0)
+
+
+def test_stdin_and_the_private_result_channel(mode):
+    program = (
+        "import os, sys\n"
+        "data = sys.stdin.buffer.read()\n"
+        "os.write(int(os.environ['STEPSCOPE_RESULT_FD']), data[::-1])\n"
+        "print(len(data))\n"
+    )
+    payload = os.urandom(300_000)  # larger than a pipe buffer: fed while the program reads
+    result = sandbox.run_python(program, stdin=payload, channel=True, timeout_s=10)
+    assert result.ok and result.stdout.strip() == str(len(payload))
+    assert result.channel == payload[::-1]
+    assert sandbox.run_python("print(1)", timeout_s=5).channel is None  # no channel unless asked
+
+
+def _host_uids_of(token: str) -> set[int]:
+    uids = set()
+    for pid in _processes_with(token):
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+                uids |= {int(line.split()[1]) for line in fh if line.startswith("Uid:")}
+        except OSError:
+            continue
+    return uids
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop applies to root callers")
+def test_root_callers_run_the_program_as_a_fresh_unprivileged_uid(mode):
+    """Seen from the host (a user namespace may call the program root inside), the program is not root."""
+    import threading
+
+    seen: list[set[int]] = []
+    for _ in range(2):
+        token = f"uid-{uuid.uuid4().hex}"
+        worker = threading.Thread(target=sandbox.run_python, args=("import time\ntime.sleep(1.5)",),
+                                  kwargs={"timeout_s": 5, "args": [token]})
+        worker.start()
+        uids: set[int] = set()
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            uids |= {u for u in _host_uids_of(token)}
+            time.sleep(0.05)
+        worker.join()
+        seen.append(uids - {0} if "uid" not in sandbox.isolation_mode() else uids)
+    if "uid" in sandbox.isolation_mode():
+        assert seen[0] and seen[1] and 0 not in seen[0] | seen[1]
+        assert seen[0] != seen[1]  # one uid per run
+
+
+def test_read_only_system_and_only_the_work_dir_writable(mode):
+    program = (
+        "import os\n"
+        "for path in ['/usr/stepscope-probe', '/etc/stepscope-probe', '/stepscope-probe']:\n"
+        "    try:\n"
+        "        open(path, 'w').close()\n"
+        "        print('WROTE', path)\n"
+        "        os.unlink(path)\n"
+        "    except OSError as exc:\n"
+        "        print('refused', exc.errno)\n"
+        "open('mine.txt', 'w').write('ok')\n"
+        "print(open('mine.txt').read())\n"
+    )
+    result = sandbox.run_python(program, timeout_s=5)
+    assert result.ok and "WROTE" not in result.stdout and result.stdout.count("refused") == 3
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_unknown_backend_is_a_user_error(monkeypatch):
+    monkeypatch.setenv(sandbox.ENV_VAR, "chroot")
+    with pytest.raises(StepscopeError, match="not a sandbox backend"):
+        sandbox.run_python("print(1)")
