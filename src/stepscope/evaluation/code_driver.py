@@ -83,7 +83,7 @@ def encode(value, depth=0):
         return {"$bytes": base64.b64encode(value).decode("ascii")}
     if kind is complex:
         return {"$complex": [value.real, value.imag]}
-    raise TypeError("cannot pass a value of type %s between the code and its test" % kind.__name__)
+    raise TypeError(f"cannot pass a value of type {kind.__name__} between the code and its test")
 
 
 def decode(obj, depth=0):
@@ -209,7 +209,7 @@ def run_stdio_case(program, text, max_output):
 
 
 def describe(exc):
-    return "%s: %s" % (type(exc).__name__, str(exc)[:300])
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 # --- H: the judge -----------------------------------------------------------------------------------
@@ -235,11 +235,11 @@ class Candidate:
             exc_type = getattr(builtins, kind, None)
             if isinstance(exc_type, type) and issubclass(exc_type, Exception) and exc_type is not CodeFailed:
                 raise exc_type(message)
-            raise RuntimeError("%s: %s" % (kind, message))
+            raise RuntimeError(f"{kind}: {message}")
         try:
             return decode(reply["value"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise CodeFailed("bad reply from the code: %s" % exc) from None
+            raise CodeFailed(f"bad reply from the code: {exc}") from None
 
 
 class Link:
@@ -251,7 +251,7 @@ class Link:
             write_frame(self.req_fd, request)
             reply = read_frame(self.rep_fd)
         except (EOFError, OSError, ValueError) as exc:
-            raise CodeFailed("the code under test stopped answering (%s)" % type(exc).__name__) from None
+            raise CodeFailed(f"the code under test stopped answering ({type(exc).__name__})") from None
         if not isinstance(reply, dict):
             raise CodeFailed("bad reply from the code")
         return reply
@@ -331,7 +331,7 @@ def main():
     except CodeFailed as exc:
         verdict["detail"] = str(exc)
     except AssertionError as exc:
-        verdict["detail"] = "test failed" + (": %s" % exc if str(exc) else "") + at_line(exc)
+        verdict["detail"] = "test failed" + (f": {exc}" if str(exc) else "") + at_line(exc)
     except BaseException as exc:  # noqa: BLE001 - anything else the tests raised is a failure
         verdict["detail"] = describe(exc) + at_line(exc)
     try:

@@ -21,7 +21,7 @@ from .datasets import Problem
 from .extract import extract_answer
 from .verdict import Grade
 
-__all__ = ["grade_code", "run_tests", "CodeVerdict"]
+__all__ = ["CodeVerdict", "grade_code", "run_tests"]
 
 _DRIVER = Path(__file__).with_name("code_driver.py")
 
@@ -90,13 +90,13 @@ def _lcb_cases(blob: str) -> list:
     try:
         return json.loads(blob)
     except ValueError:
-        import base64  # noqa: PLC0415
-        import io  # noqa: PLC0415
-        import pickle  # noqa: PLC0415 - the published encoding; a restricted reader that builds no objects
-        import zlib  # noqa: PLC0415
+        import base64
+        import io
+        import pickle
+        import zlib
 
         class _StringsOnly(pickle.Unpickler):
-            def find_class(self, module, name):  # noqa: ANN001 - pickle's signature
+            def find_class(self, module, name):
                 raise pickle.UnpicklingError("only plain data is read")
 
         text = _StringsOnly(io.BytesIO(zlib.decompress(base64.b64decode(blob.encode("utf-8"))))).load()

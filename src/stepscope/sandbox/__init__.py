@@ -6,16 +6,23 @@ for the threat model.
 
 from .backends import BACKENDS, ENV_VAR
 from .limits import Limits
-from .runner import RESULT_FD_ENV, STATUSES, TEMP_PREFIX, SandboxResult, isolation_mode, run_python
+from .runner import (
+    RESULT_FD_ENV,
+    STATUSES,
+    TEMP_PREFIX,
+    SandboxResult,
+    isolation_mode,
+    run_python,
+)
 
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
-    "Limits",
     "RESULT_FD_ENV",
     "STATUSES",
-    "SandboxResult",
     "TEMP_PREFIX",
+    "Limits",
+    "SandboxResult",
     "isolation_mode",
     "run_python",
 ]

@@ -6,13 +6,13 @@ import ctypes
 import os
 import resource
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import StepscopeError
 from .seccomp import Prepared
 
-__all__ = ["Limits", "Identity", "rlimits", "make_preexec"]
+__all__ = ["Identity", "Limits", "make_preexec", "rlimits"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def make_preexec(
     def preexec() -> None:
         for which, soft, hard in triples:
             try:
-                cur_soft, cur_hard = resource.getrlimit(which)
+                _cur_soft, cur_hard = resource.getrlimit(which)
                 if cur_hard != resource.RLIM_INFINITY:
                     hard = min(hard, cur_hard)
                     soft = min(soft, hard)

@@ -20,15 +20,15 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from ..errors import StepscopeError
 from . import backends, seccomp, users
 from .backends import Plan
 from .limits import Identity, Limits, make_preexec, rlimits
 
-__all__ = ["SandboxResult", "run_python", "isolation_mode", "STATUSES", "TEMP_PREFIX", "RESULT_FD_ENV"]
+__all__ = ["RESULT_FD_ENV", "STATUSES", "TEMP_PREFIX", "SandboxResult", "isolation_mode", "run_python"]
 
 TEMP_PREFIX = "stepscope-sandbox-"
 RESULT_FD_ENV = "STEPSCOPE_RESULT_FD"
@@ -75,7 +75,7 @@ def _interpreter_for(plan: Plan, identity: Identity | None) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _working_plans(choice: str) -> tuple[Plan, ...]:
     """The plans that run a trivial program correctly here, strongest first (probed once per process)."""
     dropped = os.geteuid() == 0
@@ -205,7 +205,7 @@ def _kill_tree(root: int) -> None:
 
 
 def _set_subreaper(on: bool) -> bool:
-    import ctypes  # noqa: PLC0415
+    import ctypes
 
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER

@@ -15,7 +15,7 @@ import errno
 import platform
 import struct
 
-__all__ = ["network_filter", "install", "supported"]
+__all__ = ["install", "network_filter", "supported"]
 
 # BPF instruction classes and fields (linux/filter.h, linux/bpf_common.h)
 _LD_W_ABS = 0x00 | 0x00 | 0x20  # BPF_LD | BPF_W | BPF_ABS

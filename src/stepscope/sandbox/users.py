@@ -15,7 +15,7 @@ import signal
 import stat
 import time
 
-__all__ = ["pick_uid", "processes_of", "kill_uid", "remove_files_of", "can_execute", "WORLD_WRITABLE_DIRS"]
+__all__ = ["WORLD_WRITABLE_DIRS", "can_execute", "kill_uid", "pick_uid", "processes_of", "remove_files_of"]
 
 # A block of uids far from system and login ranges (and from the 100000+ ranges of /etc/subuid).
 _UID_BASE = 1_900_000_000
@@ -105,7 +105,7 @@ def remove_files_of(uid: int, dirs: tuple[str, ...] = WORLD_WRITABLE_DIRS, max_e
 
 
 def _remove(path: str, info: os.stat_result) -> int:
-    import shutil  # noqa: PLC0415 - only when something was left behind
+    import shutil
 
     try:
         if stat.S_ISDIR(info.st_mode):
