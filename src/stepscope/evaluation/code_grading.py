@@ -61,7 +61,8 @@ def run_tests(code: str, mode: str, tests: dict, *, timeout_s: float = 10.0, mem
     tail = _last_line(result.stderr)
     reason = {"timeout": "timed out", "memory": "ran out of memory", "cpu": "used up its CPU time",
               "file_size": "wrote too large a file", "disk": "filled its disk quota"}.get(result.status)
-    detail = reason or f"no verdict (sandbox {result.status}{': ' + tail if tail else ''})"
+    detail = f"{reason} (sandbox {result.status})" if reason else \
+        f"no verdict (sandbox {result.status}{': ' + tail if tail else ''})"
     return CodeVerdict(False, detail[:300], result.isolation, result.status)
 
 
