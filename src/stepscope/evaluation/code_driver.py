@@ -332,6 +332,8 @@ def main():
         verdict["detail"] = str(exc)
     except AssertionError as exc:
         verdict["detail"] = "test failed" + (f": {exc}" if str(exc) else "") + at_line(exc)
+    except MemoryError as exc:
+        verdict["detail"] = "the code ran out of memory" + at_line(exc)
     except BaseException as exc:  # noqa: BLE001 - anything else the tests raised is a failure
         verdict["detail"] = describe(exc) + at_line(exc)
     try:
