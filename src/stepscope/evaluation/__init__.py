@@ -10,12 +10,13 @@ from .datasets import (
     parse_indices,
     parse_rg_params,
 )
-from .graders import Grade, extract_answer, grade, grade_many
+from .graders import Grade, GradingConfig, extract_answer, grade, grade_many
 
 __all__ = [
     "DATASETS",
     "DatasetSpec",
     "Grade",
+    "GradingConfig",
     "Problem",
     "build_user_message",
     "extract_answer",

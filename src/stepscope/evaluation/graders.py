@@ -11,62 +11,125 @@ import json
 import math
 import re
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ..errors import StepscopeError
+from ..extras import require
 from .code_grading import grade_code
 from .datasets import Problem
-from .extract import clean_answer, extract_answer
+from .extract import clean_answer, extract_answer, numeric_value, strip_special_tokens
 from .pool import map_isolated
 from .verdict import Grade
 
-__all__ = ["Grade", "extract_answer", "grade", "grade_many", "DEFAULT_TIMEOUT_S"]
+__all__ = ["DEFAULT_TIMEOUT_S", "GRADING_MODES", "Grade", "GradingConfig", "extract_answer", "grade", "grade_many"]
 
 DEFAULT_TIMEOUT_S = 10.0
 
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+GRADING_MODES = ("stepscope", "lighteval")
 
 
-def _as_number(text: str) -> float | None:
-    """The single number written in ``text`` (commas, $ and units ignored), else None."""
-    cleaned = re.sub(r"\\text\{[^}]*\}|\\[,!;: ]|\\\$|\$", " ", text)
-    numbers = _NUMBER.findall(cleaned)
-    if len(numbers) != 1:
-        return None
-    token = numbers[0].replace(",", "")
-    try:
-        if "/" in token:
-            num, den = token.split("/")
-            return float(num) / float(den)
-        return float(token)
-    except (ValueError, ZeroDivisionError):
-        return None
+@dataclass(frozen=True)
+class GradingConfig:
+    """How responses are graded.
+
+    ``mode="stepscope"`` (the default): our extraction (the first complete expression after an answer marker)
+    with Math-Verify and numeric comparison. ``mode="lighteval"``: math scored as lighteval scores it
+    (Math-Verify's own extraction on the whole response), so a score can be set beside published numbers;
+    the other graders do not change.
+    """
+
+    mode: str = "stepscope"
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRADING_MODES:
+            raise StepscopeError(f"unknown grading mode {self.mode!r}; choose one of {', '.join(GRADING_MODES)}")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> GradingConfig:
+        return cls(**(d or {}))
 
 
-def _numeric_equal(gold: str, pred: str) -> bool:
-    a, b = _as_number(gold), _as_number(pred)
-    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+def _timeout(timeout_s: float) -> int | None:
+    # Math-Verify's timeout is a signal.alarm, which only works on the main thread: none elsewhere
+    on_main = threading.current_thread() is threading.main_thread()
+    return max(1, math.ceil(timeout_s)) if on_main else None
+
+
+def _text_key(text: str) -> str:
+    """A form of an answer for plain comparison: "3:30 p.m." ~ "3:30 pm", "\\text{Friday}" ~ "friday"."""
+    text = re.sub(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}", r"\1", clean_answer(text))
+    text = re.sub(r"\\left|\\right|\$|\s+", "", text.casefold())
+    return re.sub(r"(?<=[a-z])\.", "", text).rstrip(".")
 
 
 def _grade_math(problem: Problem, response: str, timeout_s: float) -> Grade:
-    """Math-Verify with the gold answer first (its argument order is not symmetric)."""
-    from math_verify import parse, verify  # noqa: PLC0415 - sympy import is slow; only when grading math
+    """Our extraction, then: the same text, equal numbers (golds with units too), or Math-Verify (gold first)."""
+    require("math_verify", "grading math answers")  # missing: one line naming the [eval] extra
+    from math_verify import parse, verify
 
     pred = extract_answer(problem, response)
     if pred is None:
         return Grade(False, None, "no answer found")
-    on_main = threading.current_thread() is threading.main_thread()
-    seconds = max(1, math.ceil(timeout_s)) if on_main else None  # signal.alarm only works on the main thread
+    if _text_key(pred) and _text_key(pred) == _text_key(problem.answer):
+        return Grade(True, pred, "same text")
+    gold_value, pred_value = numeric_value(problem.answer), numeric_value(pred)
+    numeric = gold_value is not None and pred_value is not None
+    if numeric and math.isclose(gold_value, pred_value, rel_tol=1e-9, abs_tol=1e-9):
+        return Grade(True, pred, "numeric")
+    seconds = _timeout(timeout_s)
     gold_parsed = parse(f"\\boxed{{{problem.answer}}}", parsing_timeout=seconds)
     pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=seconds)
     if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=seconds):
         return Grade(True, pred, "math-verify")
-    if problem.meta.get("numeric") and _numeric_equal(problem.answer, pred):
-        return Grade(True, pred, "numeric")
+    if numeric:
+        return Grade(False, pred, "numeric: not equal")
     if not gold_parsed:
-        same = clean_answer(problem.answer) == clean_answer(pred)
-        return Grade(same, pred, "gold not parseable; compared as text")
+        return Grade(False, pred, "gold not parseable; compared as text")
     return Grade(False, pred, "math-verify: not equal" if pred_parsed else "answer not parseable")
+
+
+def _without_reasoning(response: str) -> str:
+    """The response as lighteval scores it: special tokens skipped, each <think>...</think> pair removed."""
+    text = strip_special_tokens(response)
+    while "<think>" in text and "</think>" in text:
+        start = text.find("<think>")
+        end = text.find("</think>", start)
+        if end < 0:
+            break
+        text = text[:start] + text[end + len("</think>"):]
+    return text.strip()
+
+
+def _grade_math_lighteval(problem: Problem, response: str, timeout_s: float) -> Grade:
+    """lighteval's math scoring: Math-Verify extracts from the whole response with lighteval's targets.
+
+    GSM8K is scored by lighteval's ``expr_gold_metric`` (gold: expressions; prediction: expressions and LaTeX
+    with \\boxed first; 5 decimals), the other math sets by ``pass_at_k_math`` (gold and prediction: expressions
+    and LaTeX; 6 decimals). The gold is the set's answer, boxed where LaTeX is read, which is what lighteval
+    extracts from the MATH-500 solution.
+    """
+    require("math_verify", "grading math answers")
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    if problem.id.split("/", 1)[0] == "gsm8k":
+        gold_targets = [ExprExtractionConfig()]
+        pred_targets = [ExprExtractionConfig(), LatexExtractionConfig(boxed_match_priority=0)]
+        precision, gold_text = 5, problem.answer
+    else:
+        gold_targets = pred_targets = [ExprExtractionConfig(), LatexExtractionConfig()]
+        precision, gold_text = 6, f"\\boxed{{{problem.answer}}}"
+    seconds = 5 if _timeout(timeout_s) else None  # lighteval's own 5 s, on the main thread only
+    gold = parse(gold_text, gold_targets, parsing_timeout=seconds) or [problem.answer]  # unread: the raw string
+    pred = parse(_without_reasoning(response), pred_targets, parsing_timeout=seconds)
+    extracted = str(pred[-1]) if pred else None
+    if not pred:
+        return Grade(False, None, "lighteval: no answer found")
+    correct = verify(gold, pred, float_rounding=precision, timeout_seconds=seconds)
+    return Grade(bool(correct), extracted, "lighteval: " + ("equal" if correct else "not equal"))
 
 
 def _grade_choice(problem: Problem, response: str, timeout_s: float) -> Grade:
@@ -90,11 +153,11 @@ def _grade_exact(problem: Problem, response: str, timeout_s: float) -> Grade:
 @functools.lru_cache(maxsize=32)
 def _rg_scorer(task: str, params_json: str, seed: int, size: int) -> Callable[[str | None, dict], float]:
     """The task's own ``score_answer``, from a dataset built with the same settings (config can matter)."""
-    import reasoning_gym  # noqa: PLC0415
+    reasoning_gym = require("reasoning_gym", "grading reasoning-gym tasks")
 
     try:
         return reasoning_gym.create_dataset(task, seed=seed, size=size, **json.loads(params_json)).score_answer
-    except Exception:  # fall back to the default config's scorer
+    except Exception:  # noqa: BLE001 - any failure: fall back to the default config's scorer
         return reasoning_gym.get_score_answer_fn(task)
 
 
@@ -116,18 +179,24 @@ _GRADE_FUNCS: dict[str, Callable[[Problem, str, float], Grade]] = {
     "code": grade_code,
     "rg": _grade_rg,
 }
+# graders that a grading mode replaces; the rest grade the same in every mode
+_MODE_FUNCS: dict[tuple[str, str], Callable[[Problem, str, float], Grade]] = {
+    ("lighteval", "math"): _grade_math_lighteval,
+}
 
 
-def grade(problem: Problem, response: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Grade:
+def grade(problem: Problem, response: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+          config: GradingConfig | None = None) -> Grade:
     """Grade one response; a failure inside a grader becomes a wrong Grade with the reason in ``detail``."""
     func = _GRADE_FUNCS.get(problem.grader)
     if func is None:
         raise StepscopeError(f"unknown grader {problem.grader!r}; choose one of {', '.join(_GRADE_FUNCS)}")
+    func = _MODE_FUNCS.get(((config or GradingConfig()).mode, problem.grader), func)
     try:
         return func(problem, response or "", timeout_s)
     except StepscopeError:
         raise
-    except Exception as exc:  # model output must never crash the evaluation
+    except Exception as exc:  # noqa: BLE001 - model output must never crash the evaluation
         return Grade(False, None, f"grader error: {type(exc).__name__}: {exc}"[:300])
 
 
@@ -135,9 +204,9 @@ def grade(problem: Problem, response: str, *, timeout_s: float = DEFAULT_TIMEOUT
 # --- isolated parallel map ----------------------------------------------------------------------------
 
 
-def _grade_item(item: tuple[Problem, str, float]) -> Grade:
-    problem, response, timeout_s = item
-    return grade(problem, response, timeout_s=timeout_s)
+def _grade_item(item: tuple[Problem, str, float, GradingConfig | None]) -> Grade:
+    problem, response, timeout_s, config = item
+    return grade(problem, response, timeout_s=timeout_s, config=config)
 
 
 def grade_many(
@@ -146,6 +215,7 @@ def grade_many(
     *,
     workers: int = 2,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    config: GradingConfig | None = None,
 ) -> list[Grade]:
     """Grade many responses in worker processes; ``workers=0`` grades in this process (no isolation)."""
     if len(problems) != len(responses):
@@ -153,7 +223,7 @@ def grade_many(
     for problem in problems:
         if problem.grader not in _GRADE_FUNCS:
             raise StepscopeError(f"unknown grader {problem.grader!r} in {problem.id}; choose one of {', '.join(_GRADE_FUNCS)}")
-    items = [(p, r or "", float(timeout_s)) for p, r in zip(problems, responses)]
+    items = [(p, r or "", float(timeout_s), config) for p, r in zip(problems, responses)]
     if workers <= 0 or not items:
         return [_grade_item(item) for item in items]
     outcomes = map_isolated(_grade_item, items, workers=workers, deadline_s=3 * timeout_s + 10)
