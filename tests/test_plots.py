@@ -166,3 +166,42 @@ def test_pngs_are_written(tiny_result, tmp_path):
         assert h >= 300 and w >= 400  # readable sizes at the default dpi
     layer_pngs = plots.layer_map_pngs(tiny_result, plots.map_norm(tiny_result), dpi=60)
     assert len(layer_pngs) == 4 and all(p[:4] == b"\x89PNG" for p in layer_pngs)
+
+
+def _texts(fig):
+    """Every visible, non-empty text of a drawn figure (tick labels exist only after drawing)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+@pytest.mark.parametrize("draw", [
+    lambda r: plots.plot_layer_maps(r),
+    lambda r: plots.plot_step_map(r, 5),
+    lambda r: plots.plot_metric_curves(r),
+    lambda r: plots.plot_band_scores({"a": r, "b": r}),
+])
+def test_no_text_is_smaller_than_8_points(draw):
+    # paper size: a figure placed at its natural size must stay readable, tick labels included
+    fig = draw(synthetic(30, 8, 0))  # 30 layers (a 6 x 5 grid), no summary (the curves' red note)
+    sizes = {t.get_text(): t.get_fontsize() for t in _texts(fig)}
+    assert sizes and min(sizes.values()) >= 8, {k: v for k, v in sizes.items() if v < 8}
+
+
+def test_step_map_shows_one_layer_and_writes_by_extension(tmp_path):
+    r = synthetic(8, 4, 1)
+    fig = plots.plot_step_map(r, 2, path=tmp_path / "map.svg")
+    (im,) = map_images(fig)
+    np.testing.assert_allclose(np.asarray(im.get_array().filled(np.nan))[r.counts > 0],
+                               np.maximum(r.means[2], im.norm.vmin)[r.counts > 0])
+    assert fig.axes[0].get_title() == "layer 2"
+    assert b"<svg" in (tmp_path / "map.svg").read_bytes()[:2000]
+    assert plots.plot_step_map(r).axes[0].get_title() == "layer 6 · deep"  # default: first deep-band layer
+    with pytest.raises(ValueError, match="out of range"):
+        plots.plot_step_map(r, 8)
+
+
+def test_plot_functions_are_exported_at_the_top_level():
+    for name in ("plot_step_map", "plot_layer_maps", "plot_metric_curves", "plot_band_scores"):
+        assert getattr(stepscope, name) is getattr(plots, name)

@@ -159,3 +159,42 @@ def test_report_on_a_file_and_on_a_directory_with_shards(tmp_path):
     assert merged.comparisons[0].test.p_value == summary.comparisons[0].test.p_value
     _, written = report(run_dir, n_boot=100, plot=False)
     assert [p.name for p in written] == ["summary.json", "summary.md"]
+
+
+def test_report_writes_the_figure_in_each_format(tmp_path):
+    rows = records({"baseline": single(BASE_1), "stepflow": single(FLOW_1)})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, paths = report(tmp_path, n_boot=100, formats=("pdf", "svg"))
+    assert [p.name for p in paths] == ["summary.json", "summary.md", "summary.pdf", "summary.svg"]
+    assert paths[2].read_bytes()[:4] == b"%PDF" and b"<svg" in paths[3].read_bytes()[:2000]
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary files were renamed into place
+
+
+def test_save_plot_keeps_the_backend_and_writes_by_extension(tmp_path):
+    # A notebook's inline backend must survive save_plot; run where the backend is not Agg.
+    code = (
+        "import json, matplotlib; matplotlib.use('svg')\n"
+        "from stepscope.evaluation.summary import summarize\n"
+        f"s = summarize(json.loads({json.dumps(json.dumps(records({'baseline': single(BASE_1)})))}), n_boot=50)\n"
+        f"s.save_plot({str(tmp_path / 'p.png')!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["svg"]
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "p.png").shape[0] == 3.6 * 200  # 3.6 in tall at 200 dpi
+
+
+def test_a_missing_matplotlib_skips_the_figure_with_a_warning(tmp_path, monkeypatch):
+    import sys
+
+    s = summarize(records({"baseline": single(BASE_1)}), n_boot=50)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
+    with pytest.warns(UserWarning, match=r"pip install 'stepscope\[report\]'; the summary figure was skipped"):
+        paths = s.write(tmp_path)
+    assert [p.name for p in paths] == ["summary.json", "summary.md"]

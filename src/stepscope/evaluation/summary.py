@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import StepscopeError
-from .runner import RunConfig, merge_results, read_run_file
+from .runner import RunConfig, merge_results, read_run_file, result_files
 from .stats import (ConfidenceInterval, TestResult, bootstrap_ci, mcnemar_exact, mean_pass_at_k, paired_bootstrap_ci,
                     paired_power_explanation, sign_test)
 
@@ -114,43 +115,68 @@ class Summary:
     def to_markdown(self) -> str:
         return "\n".join(_settings_table(self) + [""] + _accuracy_table(self) + _comparison_table(self)) + "\n"
 
-    def save_plot(self, path: str | os.PathLike) -> Path:
-        """Bar chart of pass@1 per condition with its bootstrap interval as error bars (PNG)."""
-        import matplotlib  # noqa: PLC0415 - heavy, only when plotting
+    def to_pandas(self):
+        """One row per condition: pass@1 with its interval, pass@k, and the paired comparison with the baseline
+        (empty for the baseline itself). Needs pandas."""
+        from ..notebook import summary_frame  # pandas only when asked
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        return summary_frame(self)
+
+    def _repr_markdown_(self) -> str:  # notebooks render the same tables as summary.md
+        return self.to_markdown()
+
+    def plot(self):
+        """Bar chart of pass@1 per condition with its bootstrap interval as error bars, as a matplotlib Figure
+        (drawn on its own Agg canvas: no pyplot state, a notebook's backend is left alone)."""
+        from ..figures import new_figure  # matplotlib only when plotting
 
         names = [c.name for c in self.conditions]
         est = np.array([100 * c.pass1.estimate for c in self.conditions])
         err = np.array([[100 * (c.pass1.estimate - c.pass1.low) for c in self.conditions],
                         [100 * (c.pass1.high - c.pass1.estimate) for c in self.conditions]])
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
+        fig = new_figure(figsize=(1.6 + 1.3 * len(names), 3.6))
+        ax = fig.add_subplot()
         ax.bar(names, est, yerr=err, capsize=6, color=["#8c8c8c" if n == self.baseline else "#3b75af" for n in names])
         for x, value in enumerate(est):
             ax.text(x, value / 2, f"{value:.1f}", ha="center", va="center", color="white", fontsize=9)
         ax.set_ylabel("pass@1 (%)")
+        ax.tick_params(labelsize=9)
         ax.set_ylim(0, max(100.0, float((est + err[1]).max()) if len(est) else 100.0))
         level = self.conditions[0].pass1.level if self.conditions else 0.95
         ax.set_title(f"{self.settings.get('model', '?')} on {self.settings.get('dataset', '?')}\n"
                      f"n={self.n}, {self.problems} problems, {level:.0%} bootstrap CI", fontsize=9)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return fig
 
-    def write(self, directory: str | os.PathLike, stem: str = "summary", plot: bool = True) -> list[Path]:
-        """Write ``<stem>.json``, ``<stem>.md`` and (``plot``) ``<stem>.png`` into ``directory``."""
+    def save_plot(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`plot` to ``path``: PNG (200 dpi), PDF or SVG by the extension."""
+        from ..figures import save_figure
+
+        return save_figure(self.plot(), path)
+
+    def write(self, directory: str | os.PathLike, stem: str = "summary", plot: bool = True,
+              formats: Sequence[str] = ("png",)) -> list[Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and (``plot``) ``<stem>.<fmt>`` for each of ``formats`` (png, pdf,
+        svg) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
         _write_atomic(paths[0], json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
         _write_atomic(paths[1], self.to_markdown())
         if plot and self.conditions:
-            png = directory / f"{stem}.png"
-            os.replace(self.save_plot(directory / f".{stem}.{os.getpid()}.tmp.png"), png)
-            paths.append(png)
+            from ..extras import MissingExtraError
+            from ..figures import parse_formats, save_figure
+
+            formats = parse_formats(formats)
+            try:
+                fig = self.plot()
+            except MissingExtraError as e:  # after a long run the numbers matter more than the picture
+                warnings.warn(f"{e}; the summary figure was skipped")
+                return paths
+            for fmt in formats:
+                final = directory / f"{stem}.{fmt}"
+                # through a temporary file, as for the JSON: concurrent shards never leave a half-written figure
+                os.replace(save_figure(fig, directory / f".{stem}.{os.getpid()}.tmp.{fmt}"), final)
+                paths.append(final)
         return paths
 
 
@@ -405,31 +431,45 @@ def _comparison_table(s: Summary) -> list[str]:
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def load_summary(path: str | os.PathLike, *, baseline: str = "baseline", n_boot: int = 10000, alpha: float = 0.05,
-                 seed: int = 0) -> Summary:
-    """Summarise a run directory (all its results files merged) or one results file.
+def load_summary(path: str | os.PathLike | Sequence[str | os.PathLike], *, baseline: str = "baseline",
+                 n_boot: int = 10000, alpha: float = 0.05, seed: int = 0) -> Summary:
+    """Summarise a run directory (all its results files merged) or one results file, or several of them
+    together (e.g. an imported baseline and a StepFlow eval run of the same problems: paired per problem).
 
     Settings come from the directory's run.json when there is one, else from the result lines.
     """
-    path = Path(path)
-    if not path.exists():
-        raise StepscopeError(f"no such file or directory: {path}")
-    records, duplicates = merge_results(path)
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if not paths:
+        raise StepscopeError("give a run directory or a results file to summarise")
+    for p in paths:
+        if not p.exists():
+            raise StepscopeError(f"no such file or directory: {p}")
+    if len(paths) == 1:
+        records, duplicates = merge_results(paths[0])
+    else:  # several sources: each directory's files, one list, each (problem, sample, condition) once
+        files = [f for p in paths for f in (result_files(p) if p.is_dir() else [p])]
+        records, duplicates = merge_results(files)
+    where = paths[0] if len(paths) == 1 else " + ".join(map(str, paths))
     if not records:
-        raise StepscopeError(f"{path} holds no results yet")
-    run = read_run_file(path if path.is_dir() else path.parent)
+        raise StepscopeError(f"{where} holds no results yet")
+    ungraded = sum(1 for r in records if r.get("correct") is None)
+    if ungraded:  # imported without grading: counting them as wrong would be silently false
+        raise StepscopeError(f"{ungraded} of {len(records)} samples in {where} are not graded; re-import them with "
+                             "--grade (gold from --dataset NAME or the file) or --source-metric NAME")
+    run = read_run_file(paths[0] if paths[0].is_dir() else paths[0].parent) if len(paths) == 1 else None
     settings = settings_from_run(run) if run is not None else settings_from_records(records)
     return summarize(records, settings, baseline=baseline, n_boot=n_boot, alpha=alpha, seed=seed,
                      duplicates=duplicates)
 
 
-def report(path: str | os.PathLike, *, out: str | os.PathLike | None = None, plot: bool = True,
-           baseline: str = "baseline", n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
-           ) -> tuple[Summary, list[Path]]:
+def report(path: str | os.PathLike | Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None,
+           plot: bool = True, baseline: str = "baseline", n_boot: int = 10000, alpha: float = 0.05, seed: int = 0,
+           formats: Sequence[str] = ("png",)) -> tuple[Summary, list[Path]]:
     """:func:`load_summary` and write it: a directory gets ``summary.{json,md,png}``, a file ``X.jsonl`` gets
-    ``X.summary.*`` beside it (or in ``out``)."""
-    path = Path(path)
+    ``X.summary.*`` beside it (or in ``out``); several sources are written as the first one would be."""
     summary = load_summary(path, baseline=baseline, n_boot=n_boot, alpha=alpha, seed=seed)
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else Path(path[0])
     directory = path if path.is_dir() else path.parent
     stem = "summary" if path.is_dir() else f"{path.stem}.summary"
-    return summary, summary.write(Path(out) if out is not None else directory, stem=stem, plot=plot)
+    return summary, summary.write(Path(out) if out is not None else directory, stem=stem, plot=plot,
+                                  formats=formats)

@@ -1,21 +1,25 @@
 """Pictures of a Step-Saliency result: per-layer step maps, per-layer metric curves, band scores.
 
 matplotlib is imported inside the functions so that ``import stepscope`` stays light. Figures are built as
-``matplotlib.figure.Figure`` objects on an Agg canvas, never through ``pyplot``: no global figure registry to leak
-into, and no interactive backend is touched, so the functions are safe in scripts, servers and notebooks alike.
+``matplotlib.figure.Figure`` objects on an Agg canvas, never through ``pyplot`` (see :mod:`stepscope.figures`): no
+global figure registry to leak into, and no interactive backend is touched, so the functions are safe in scripts,
+servers and notebooks alike. ``path=`` writes PNG, PDF or SVG by its extension; no text is smaller than 8 pt at
+a figure's natural size.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from ..extras import require
+from ..figures import PNG_DPI, figure_bytes, new_figure
+from ..figures import save_figure as _save_by_extension
 from .describe import band_text
 from .metrics import Bands
 from .result import StepSaliency
@@ -33,7 +37,7 @@ MAP_CMAP = "viridis"
 INVALID_COLOR = "#d9d9d9"  # the upper triangle (key after query): no causal pair, so no value
 BOUNDARY_COLOR = "#ff4f9a"  # question|thinking and thinking|summary lines: visible on both ends of viridis
 MAX_PANELS = 36
-DPI = 130
+DPI = PNG_DPI  # PNG files; PDF and SVG are vector
 
 # The share metrics drawn as curves, with a plain-language label each; the block means are not shares.
 CURVE_METRICS: dict[str, tuple[str, str]] = {
@@ -48,12 +52,7 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 # -- small shared helpers ------------------------------------------------------------------------------------
 def _new_figure(**kwargs) -> "Figure":
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(layout="constrained", **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(**kwargs)
 
 
 def _as_dict(results: Results) -> dict[str, StepSaliency]:
@@ -66,18 +65,14 @@ def _as_dict(results: Results) -> dict[str, StepSaliency]:
 
 
 def save_figure(fig: "Figure", path, dpi: int = DPI) -> Path:
-    """Write ``fig`` as PNG (parent folders created); nothing is cut off thanks to the constrained layout."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    return path
+    """Write ``fig`` as PNG, PDF or SVG by ``path``'s extension (parent folders created); nothing is cut off
+    thanks to the constrained layout."""
+    return _save_by_extension(fig, path, dpi)
 
 
 def figure_png(fig: "Figure", dpi: int = DPI) -> bytes:
     """The PNG bytes of ``fig`` (for embedding)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
-    return buf.getvalue()
+    return figure_bytes(fig, "png", dpi)
 
 
 def layer_band(bands: Bands, layer: int) -> str | None:
@@ -119,7 +114,7 @@ def map_norm(results: Results, layers: Sequence[int] | None = None, kind: str = 
     Robust percentiles of the positive values, so that a handful of extreme cells (the sink-like question block,
     a zero) do not squeeze every other cell into one colour.
     """
-    from matplotlib.colors import LogNorm
+    LogNorm = require("matplotlib.colors", "drawing figures").LogNorm  # the first matplotlib use of a plot
 
     values = []
     for r in _as_dict(results).values():
@@ -254,7 +249,7 @@ def plot_layer_maps(result: StepSaliency, layers: Sequence[int] | None = None, p
     panel = 2.3 if n > 16 else 3.0  # inches; smaller panels keep a 6x6 grid on one screen
     fig = _new_figure(figsize=(panel * ncols + 1.0, panel * nrows + 0.7))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    fontsize = 7.0 if panel < 3 else 8.0
+    fontsize = 8.0  # the smallest text at the figure's natural size: readable in a paper
     max_ticks = max(4, int(panel * 72 / (fontsize * 1.7)))
     im = None
     for k, (ax, layer) in enumerate(zip(axes, layers)):
@@ -278,9 +273,48 @@ def plot_layer_maps(result: StepSaliency, layers: Sequence[int] | None = None, p
     return fig
 
 
+def default_layer(result: StepSaliency) -> int:
+    """The layer a single map shows unless told: the first layer of the deep band (where Deep Decay is read)."""
+    return result.bands.deep.start
+
+
+def _single_map(result: StepSaliency, layer: int, norm: "LogNorm", kind: str):
+    """A figure with one layer's map and its colour bar; returns the figure, axes and image."""
+    S = len(result.steps)
+    side = min(7.0, max(3.6, 0.16 * S + 2.0))  # grow with the step count so labels keep their room
+    fig = _new_figure(figsize=(side + 1.1, side + 0.3))
+    ax = fig.add_subplot()
+    fontsize = 8.0
+    max_ticks = max(6, int(side * 72 / (fontsize * 1.7)))
+    im = _draw_map(ax, result, layer, norm, kind, max_ticks=max_ticks, fontsize=fontsize, xlabels=True,
+                   ylabels=True, title_size=fontsize + 3)
+    ax.set_xlabel("key step (is looked at)", fontsize=fontsize + 1)
+    ax.set_ylabel("query step (receives)", fontsize=fontsize + 1)
+    cbar = fig.colorbar(im, ax=ax, shrink=0.8, extend="both", pad=0.02, aspect=30)  # shared scale: one bar
+    _label_colorbar(cbar, norm, _colorbar_label(kind), fontsize)
+    return fig, ax, im
+
+
+def plot_step_map(result: StepSaliency, layer: int | None = None, path=None, *, kind: str = "mean",
+                  norm: "LogNorm | None" = None, dpi: int = DPI) -> "Figure":
+    """One layer's step map (query step = row, key step = column) with its colour bar.
+
+    ``layer``: default the first deep-band layer. ``norm``: a colour scale shared with other figures (default:
+    one over all of this result's layers, so maps of different layers compare). ``path``: also write the figure
+    (PNG, PDF or SVG by the extension).
+    """
+    layer = default_layer(result) if layer is None else int(layer)
+    if not 0 <= layer < result.num_layers:
+        raise ValueError(f"layer {layer} is out of range: the result has layers 0-{result.num_layers - 1}")
+    fig, _, _ = _single_map(result, layer, norm or map_norm(result, None, kind), kind)
+    if path is not None:
+        save_figure(fig, path, dpi)
+    return fig
+
+
 def layer_map_pngs(result: StepSaliency, norm: "LogNorm", *, kind: str = "mean", dpi: int = 100,
-                   layers: Sequence[int] | None = None) -> list[bytes]:
-    """One small PNG per layer (for the report's slider), all on ``norm``.
+                   layers: Sequence[int] | None = None, on_png: Callable[[int], None] | None = None) -> list[bytes]:
+    """One small PNG per layer (for the report's slider), all on ``norm``; ``on_png(layer)`` after each (progress).
 
     One figure is drawn once and only its cells and title change per layer: several times faster than a figure
     per layer, which matters for 64-layer models with several conditions.
@@ -288,24 +322,16 @@ def layer_map_pngs(result: StepSaliency, norm: "LogNorm", *, kind: str = "mean",
     layers = list(range(result.num_layers) if layers is None else layers)
     if not layers:
         return []
-    S = len(result.steps)
-    side = min(7.0, max(3.6, 0.16 * S + 2.0))  # grow with the step count so labels keep their room
-    fig = _new_figure(figsize=(side + 1.1, side + 0.3))
-    ax = fig.add_subplot()
+    fig, ax, im = _single_map(result, layers[0], norm, kind)
     fontsize = 8.0
-    max_ticks = max(6, int(side * 72 / (fontsize * 1.7)))
-    im = _draw_map(ax, result, layers[0], norm, kind, max_ticks=max_ticks, fontsize=fontsize, xlabels=True,
-                   ylabels=True, title_size=fontsize + 3)
-    ax.set_xlabel("key step (is looked at)", fontsize=fontsize + 1)
-    ax.set_ylabel("query step (receives)", fontsize=fontsize + 1)
-    cbar = fig.colorbar(im, ax=ax, shrink=0.8, extend="both", pad=0.02, aspect=30)  # shared scale: one bar
-    _label_colorbar(cbar, norm, _colorbar_label(kind), fontsize)
     out = []
     for layer in layers:
         # Same steps, ticks and scale for every layer: only the cells and the title change.
         im.set_data(_shown(step_map(result, layer, kind), norm))
         _set_layer_title(ax, result.bands, layer, fontsize + 3)
         out.append(figure_png(fig, dpi))
+        if on_png is not None:
+            on_png(layer)
     return out
 
 
@@ -346,6 +372,9 @@ def plot_metric_curves(results: Results, path=None, *, dpi: int = DPI, title: st
         _draw_curves(ax, r, ls, annotate=len(rs) == 1)
     ax.set_xlim(-0.6, max(r.num_layers for r in rs.values()) - 0.4)
     ax.set_ylim(0, 1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer")
     ax.set_ylabel("share of incoming saliency")
     ax.grid(alpha=0.25)
@@ -353,7 +382,7 @@ def plot_metric_curves(results: Results, path=None, *, dpi: int = DPI, title: st
     note = _missing_note(rs)
     if note:
         text = textwrap.fill(note, 150)
-        fig.text(0.01, 0.005, text, fontsize=7.5, color="#a33", va="bottom")
+        fig.text(0.01, 0.005, text, fontsize=8, color="#a33", va="bottom")
         bottom = 0.02 + 0.03 * (text.count("\n") + 1)
         fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))  # room for the note below the axes
     fig.suptitle(title or "Step-Saliency shares per layer", fontsize=11)
@@ -376,7 +405,7 @@ def _draw_curves(ax: "Axes", r: StepSaliency, ls: str, annotate: bool) -> None:
         ax.hlines(score, band.start - 0.4, band.stop - 0.6, color=color, lw=4, alpha=0.45, ls=ls)
         if annotate:  # with several conditions the labels would pile up; the band-score chart has them
             ax.annotate(f"{label} {score:.2f}", (band.start - 0.4, score), xytext=(1, 4),
-                        textcoords="offset points", fontsize=7.5, color=color, va="bottom",
+                        textcoords="offset points", fontsize=8, color=color, va="bottom",
                         fontweight="bold", bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5})
 
 

@@ -104,6 +104,24 @@ class StepSaliency:
             "metric_reasons": self.metric_reasons,
         }
 
+    # -- notebooks (rendering lives in stepscope.notebook) -----------------------------------------------------
+    def to_pandas(self):
+        """Per-layer metrics as a pandas DataFrame: index ``layer``, a ``band`` column, one column per metric
+        (NaN where the trace cannot have it; the reasons in ``df.attrs["metric_reasons"]``). Needs pandas."""
+        from ..notebook import saliency_frame
+
+        return saliency_frame(self)
+
+    def __repr__(self) -> str:  # short: sizes and band scores, no arrays
+        from ..notebook import saliency_repr
+
+        return saliency_repr(self)
+
+    def _repr_html_(self) -> str:  # Jupyter: band scores, one layer's step map, the metric curves
+        from ..notebook import saliency_html
+
+        return saliency_html(self)
+
     # -- persistence -----------------------------------------------------------------------------------------
     def save(self, path) -> tuple[Path, Path]:
         """Write ``<path>.npz`` (maps) and ``<path>.json`` (steps, meta, metrics)."""
