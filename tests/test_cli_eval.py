@@ -87,9 +87,12 @@ def test_eval_argument_mistakes_are_one_line_errors(model_dir, data_file, tmp_pa
     assert "no problems" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--dataset", "organism:impossible", "--out", str(out)]) == 2
     assert "difficulty" in capsys.readouterr().err
-    with pytest.warns(UserWarning, match="identical samples"):
-        assert main(eval_args(model_dir, data_file, out, "--temperature", "0", "--shard", "5/2")) == 2
+    assert main(eval_args(model_dir, data_file, out, "--shard", "5/2")) == 2
     assert "bad shard" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="identical samples"):
+        assert main(eval_args(model_dir, data_file, out, "--temperature", "0", "--compare", "--oeb-layers", "5")) == 2
+    # the layer list is checked against the checkpoint's config, before the model loads
+    assert "OEB layers [5] are out of range for a model with 2 layers" in capsys.readouterr().err
 
 
 def test_under_a_launcher_the_shard_comes_from_the_process(monkeypatch, model_dir, data_file, tmp_path, capsys):
@@ -104,3 +107,105 @@ def test_under_a_launcher_the_shard_comes_from_the_process(monkeypatch, model_di
     assert "--device-map" in capsys.readouterr().err
     assert main(eval_args(model_dir, data_file, out, "--no-save-traces", "--no-plot")) == 0
     assert [p.name for p in sorted(out.glob("results*.jsonl"))] == ["results.shard-1-of-2.jsonl"]
+
+
+# --- checked before the model loads ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if eval gets as far as loading the model."""
+    from stepscope import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was refused")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def test_bad_data_and_arguments_are_refused_before_the_model_loads(model_dir, data_file, tmp_path, capsys,
+                                                                   no_model_load):
+    out = tmp_path / "never"
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text(json.dumps({"q": "What is 1 plus 1?", "a": 2}) + "\n" + json.dumps({"q": "Why?", "a": None}) + "\n")
+    cases = [
+        (eval_args(model_dir, nulls, out), f"{nulls}:2: the answer field 'a' is null"),
+        (eval_args(model_dir, data_file, out, "--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+        (eval_args(model_dir, data_file, out, "--workers", "-1"), "--workers must be at least 0"),
+        (eval_args(model_dir, data_file, out, "--n-boot", "0"), "--n-boot must be at least 1"),
+        (eval_args(model_dir, data_file, out, "--device", "gpu"), "unknown device 'gpu'"),
+        (eval_args(model_dir, data_file, out, "--dtype", "float7"), "unknown dtype 'float7'"),
+        (["eval", "--model", str(model_dir), "--data-file", str(data_file), "--answer-field", "a",
+          "--question-template", "{q} {hint}", "--out", str(out)],
+         "has no field 'hint' named in --question-template (fields: q, a)"),
+        (["eval", "--model", str(model_dir), "--dataset", "gsm8k", "--question-field", "q", "--out", str(out)],
+         "--question-field applies to --data-file only"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()  # nothing evaluated, nothing written
+
+
+def test_an_unwritable_out_is_a_one_line_error(model_dir, data_file, capsys, no_model_load):
+    assert main(eval_args(model_dir, data_file, "/proc/stepscope-x")) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run directory /proc/stepscope-x" in err and "--out" in err and err.count("\n") == 1
+
+
+def test_a_second_process_is_refused_before_the_model_loads(model_dir, data_file, tmp_path, capsys, no_model_load):
+    from stepscope.evaluation import runner
+
+    out = tmp_path / "busy"
+    args = eval_args(model_dir, data_file, out)
+    # the first process: its config is in run.json and it holds the results file
+    from stepscope.cli.eval import build_config, load_eval_problems
+    from stepscope.cli.main import build_parser
+
+    ns = build_parser().parse_args(args)
+    problems, dataset = load_eval_problems(ns)
+    runner.prepare_run_dir(out, build_config(ns, problems, dataset))
+    with runner.lock_results(out):
+        assert main(args) == 2
+    assert "another process is writing" in capsys.readouterr().err
+
+
+def test_resuming_with_another_dtype_or_changed_model_files_is_refused(model_dir, data_file, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "run"
+    base = ["--conditions", "baseline", "--n", "1", "--limit", "1", "--no-save-traces", "--no-plot"]
+    assert main(eval_args(model, data_file, out, *base)) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert (run["config"]["dtype"], run["config"]["device"]) == ("float32", "cpu")
+    assert run["config"]["model_files"] and run["info"]["model_dtype"] == "float32"
+    capsys.readouterr()
+    assert main(eval_args(model, data_file, out, *base, "--dtype", "bfloat16")) == 2
+    err = capsys.readouterr().err
+    assert "dtype is 'float32' there, 'bfloat16' now" in err and "pass another --out for a new run" in err
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))  # another checkpoint
+    assert main(eval_args(model, data_file, out, *base)) == 2
+    assert "model_files is" in capsys.readouterr().err
+
+
+def test_question_template_puts_the_premise_in_the_prompt(model_dir, tmp_path, capsys):
+    data = tmp_path / "svamp.jsonl"
+    data.write_text(json.dumps({"Body": "Tom has 3 apples.", "Question": "He buys 2 more. How many now?",
+                                "Answer": 5}) + "\n")
+    out = tmp_path / "svamp"
+    common = ["eval", "--model", str(model_dir), "--data-file", str(data), "--answer-field", "Answer",
+              "--max-new-tokens", "4", "--workers", "0", "--no-progress", "--no-plot", "--n-boot", "50"]
+    with pytest.warns(UserWarning, match=r"'Body' beside the question field 'Question' is not in the prompt"):
+        assert main([*common, "--question-field", "Question", "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--question-template", "{Body} {Question}", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["dataset"]["question_template"] == "{Body} {Question}"
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    trace = json.loads((out / record["trace"]).read_text())
+    assert trace["question"].startswith("Tom has 3 apples. He buys 2 more. How many now?")
+    assert main([*common, "--question-template", "{Body}", "--question-field", "Question", "--out", str(out)]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -303,6 +304,146 @@ def test_user_jsonl_errors_name_the_problem(tmp_path):
     dup = _write(tmp_path / "dup.jsonl", [json.dumps({"q": "x", "a": "1", "id": 1})] * 2)
     with pytest.raises(StepscopeError, match="repeat"):
         load_problems_from_file(dup, question_field="q", answer_field="a", grader="math", id_field="id")
+
+
+def _load(path, **kw):
+    kw.setdefault("answer_field", "a")
+    kw.setdefault("grader", "math")
+    if "question_template" not in kw:
+        kw.setdefault("question_field", "q")
+    return load_problems_from_file(path, **kw)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"q": "1+1?", "a": None}, r"bad.jsonl:2: the answer field 'a' is null"),
+    ({"q": "1+1?", "a": "  "}, r"bad.jsonl:2: the answer field 'a' is empty"),
+    ({"q": "1+1?", "a": ""}, r"bad.jsonl:2: the answer field 'a' is empty"),
+    ({"q": "1+1?", "a": [1, 2]}, r"bad.jsonl:2: the answer field 'a' holds an array"),
+    ({"q": "1+1?", "a": {"v": 2}}, r"bad.jsonl:2: the answer field 'a' holds an object"),
+    ({"q": "1+1?", "a": float("nan")}, r"bad.jsonl:2: the answer field 'a' is nan"),
+    ({"q": None, "a": 2}, r"bad.jsonl:2: the question field 'q' is null"),
+    ({"q": "\n \t", "a": 2}, r"bad.jsonl:2: the question field 'q' is empty"),
+    ({"q": "3+3?", "a": 6, "id": None}, r"bad.jsonl:2: the id field 'id' is null"),
+])
+def test_user_rows_with_null_or_empty_fields_are_refused_with_the_line(tmp_path, row, message):
+    path = _write(tmp_path / "bad.jsonl", [json.dumps({"q": "2+2?", "a": 4, "id": "first"}), json.dumps(row)])
+    with pytest.raises(StepscopeError, match=message):
+        _load(path, id_field="id" if "id" in row else None)
+    # only the rows that would be evaluated are checked: leaving the bad one out loads the rest
+    assert [p.answer for p in _load(path, indices=[0])] == ["4"]
+
+
+def test_a_null_answer_never_becomes_the_gold_none(tmp_path):
+    path = _write(tmp_path / "none.jsonl", [json.dumps({"q": "Anything?", "a": None})])
+    with pytest.raises(StepscopeError, match="null") as err:
+        _load(path)
+    assert "\n" not in str(err.value)
+    kept = _load(_write(tmp_path / "text.jsonl", [json.dumps({"q": "Say None.", "a": "None"})]))
+    assert kept[0].answer == "None"  # the word itself, written by the user, is a legitimate gold
+
+
+def test_question_template_joins_premise_and_question(tmp_path):
+    path = _write(tmp_path / "svamp.jsonl", [
+        json.dumps({"ID": "a1", "Body": "Tom has 3 apples.", "Question": "He buys 2 more. How many now?",
+                    "Answer": 5.0, "Type": "Addition"}),
+    ])
+    (p,) = _load(path, question_template="{Body} {Question}", answer_field="Answer", id_field="ID")
+    assert p.question == "Tom has 3 apples. He buys 2 more. How many now?" and p.answer == "5" and p.id == "a1"
+    assert p.meta["Type"] == "Addition" and "Body" not in p.meta and "Question" not in p.meta
+    (lit,) = _load(path, question_template="Context: {Body}\n{{Q}} {Question!s:>5}", answer_field="Answer")
+    assert lit.question == "Context: Tom has 3 apples.\n{Q} He buys 2 more. How many now?"
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{Body} {Query}", (r"svamp.jsonl:1 has no field 'Query' named in --question-template "
+                        r"\(fields: Body, Question, Answer, Extra\)")),
+    ("{} {Question}", "positional field"),
+    ("{0}", "positional field"),
+    ("{Body.upper}", "plain row field name"),
+    ("{Body[0]}", "plain row field name"),
+    ("{Body", "bad --question-template"),
+    ("no fields at all", "names no row field"),
+    ("{Extra} {Question}", r"svamp.jsonl:1: field 'Extra' of --question-template is null"),
+])
+def test_question_template_mistakes_are_clear(tmp_path, template, message):
+    path = _write(tmp_path / "svamp.jsonl", [
+        json.dumps({"Body": "B.", "Question": "Q?", "Answer": 1, "Extra": None}),
+    ])
+    with pytest.raises(StepscopeError, match=message):
+        _load(path, question_template=template, answer_field="Answer")
+
+
+def test_question_template_and_field_are_exclusive(tmp_path):
+    path = _write(tmp_path / "x.jsonl", [json.dumps({"q": "Q?", "a": 1})])
+    with pytest.raises(StepscopeError, match="not both"):
+        _load(path, question_field="q", question_template="{q}")
+
+
+def test_fields_left_out_of_the_prompt_are_warned_about_once(tmp_path):
+    rows = [json.dumps({"Body": f"Ann has {i} pens.", "Question": "How many?", "Answer": i}) for i in range(1, 4)]
+    path = _write(tmp_path / "asdiv.jsonl", rows)
+    with pytest.warns(UserWarning) as record:
+        _load(path, question_field="Question", answer_field="Answer")
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1
+    assert "'Body' beside the question field 'Question' is not in the prompt (in 3 of 3 rows)" in messages[0]
+    assert '--question-template "{Body} {Question}"' in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a template nothing is left out, so nothing is said
+        _load(path, question_template="{Body} {Question}", answer_field="Answer")
+
+
+def test_user_files_that_are_not_jsonl_text_are_one_line_errors(tmp_path):
+    with pytest.raises(StepscopeError, match="is a directory"):
+        _load(tmp_path)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x80\x81\xff\x00" * 10)
+    with pytest.raises(StepscopeError, match="is not UTF-8 text"):
+        _load(binary)
+
+
+def test_a_byte_order_mark_and_line_separators_inside_strings_keep_line_numbers(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [json.dumps({"q": "one\u2028two?", "a": 1}, ensure_ascii=False), json.dumps({"q": "x", "a": None})]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    with pytest.raises(StepscopeError, match=r"bom.jsonl:2: the answer field 'a' is null"):
+        _load(path)
+    assert _load(path, indices=[0])[0].question == "one\u2028two?"
+
+
+# --- damaged rows of the built-in sets ------------------------------------------------------------------------
+
+
+def _offline(tmp_path, folder: str, rows: list[dict]) -> Path:
+    (tmp_path / folder).mkdir()
+    _write(tmp_path / folder / "test.jsonl", [json.dumps(r) for r in rows])
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad, what", [
+    ({"problem": "Q2", "answer": None}, "a null answer"),
+    ({"problem": "Q2", "answer": " "}, "an empty answer"),
+    ({"problem": None, "answer": "2"}, "a null question"),
+    ({"problem": "", "answer": "2"}, "an empty question"),
+])
+def test_a_damaged_offline_row_is_refused_with_its_index(tmp_path, bad, what):
+    data = _offline(tmp_path, "math500", [{"problem": "Q1", "answer": "1"}, bad])
+    with pytest.raises(StepscopeError, match=rf"test.jsonl:2 \(math500 problem 1\) has {what}; .*--indices"):
+        load_problems("math500", data_dir=data)
+    assert [p.answer for p in load_problems("math500", data_dir=data, indices=[0])] == ["1"]
+
+
+def test_a_gsm8k_solution_without_a_final_number_is_refused(tmp_path):
+    data = _offline(tmp_path, "gsm8k", [{"question": "Q", "answer": "We add. ####  "}])
+    with pytest.raises(StepscopeError, match=r"gsm8k problem 0\) has no answer after formatting"):
+        load_problems("gsm8k", data_dir=data)
+
+
+def test_a_damaged_hub_row_is_refused_naming_the_row(fake_hub):
+    tables, _ = fake_hub
+    tables[("HuggingFaceH4/MATH-500", None)] = [{"problem": "Q1", "answer": "1"}, {"problem": "Q2", "answer": None}]
+    with pytest.raises(StepscopeError, match=r"HuggingFaceH4/MATH-500 row 1 \(math500 problem 1\) has a null answer"):
+        load_problems("math500")
 
 
 # --- prompts -------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections import Counter
@@ -136,6 +137,57 @@ def test_run_config_round_trips_and_warns_on_another_version(tmp_path):
         prepare_run_dir(tmp_path, config)
 
 
+def _with(config: RunConfig, **fields) -> RunConfig:
+    return dataclasses.replace(config, **fields)
+
+
+def test_dtype_device_and_model_files_are_part_of_the_run(tmp_path):
+    config = _with(make_config(), dtype="float32", device="cpu", model_files="abc123")
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    prepare_run_dir(tmp_path, config)
+    stored = json.loads((tmp_path / "run.json").read_text())["config"]
+    assert (stored["dtype"], stored["device"], stored["model_files"]) == ("float32", "cpu", "abc123")
+    prepare_run_dir(tmp_path, config)  # the same: resumes
+    with pytest.raises(StepscopeError, match=r"dtype is 'float32' there, 'bfloat16' now.*another --out"):
+        prepare_run_dir(tmp_path, _with(config, dtype="bfloat16"))
+    with pytest.raises(StepscopeError, match=r"device is 'cpu' there, 'cuda' now"):
+        prepare_run_dir(tmp_path, _with(config, device="cuda"))
+    with pytest.raises(StepscopeError, match=r"model_files is 'abc123' there, 'def456' now \(the checkpoint's"):
+        prepare_run_dir(tmp_path, _with(config, model_files="def456"))
+    record = config.record_config(config.conditions[0])
+    assert (record["dtype"], record["device"]) == ("float32", "cpu")
+
+
+def test_a_run_from_before_dtype_was_recorded_resumes_with_a_warning(tmp_path):
+    old = make_config()  # no dtype, device or model files: the keys are left out of run.json
+    prepare_run_dir(tmp_path, old)
+    assert not {"dtype", "device", "model_files"} & set(json.loads((tmp_path / "run.json").read_text())["config"])
+    with pytest.warns(UserWarning, match="before stepscope recorded device, dtype"):
+        prepare_run_dir(tmp_path, _with(old, dtype="float32", device="cpu"))
+    # other fields are still checked
+    with pytest.warns(UserWarning, match="recorded dtype"), pytest.raises(StepscopeError, match=r"sampling\.temperature"):
+        prepare_run_dir(tmp_path, _with(make_config(temperature=0.1), dtype="float32"))
+
+
+def test_an_unwritable_out_directory_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(StepscopeError, match=r"cannot create the run directory .*pass a writable --out"):
+            prepare_run_dir(out, make_config())
+    (tmp_path / "odd" / "run.json").mkdir(parents=True)  # run.json there, but a directory
+    with pytest.raises(StepscopeError, match="run.json exists but is not a file"):
+        prepare_run_dir(tmp_path / "odd", make_config())
+
+
+def test_a_model_unlike_the_config_is_refused(tiny, tmp_path):
+    with pytest.raises(StepscopeError, match="says dtype bfloat16, but the model's dtype is float64"):
+        run(tiny, tmp_path, _with(make_config(), dtype="bfloat16"))
+    with pytest.raises(StepscopeError, match="says device cuda, but the model's device is cpu"):
+        run(tiny, tmp_path, _with(make_config(), dtype="float64", device="cuda"))
+    assert not (tmp_path / "run.json").exists()  # refused before anything was written
+
+
 # --- results files ------------------------------------------------------------------------------------------------
 
 
@@ -237,6 +289,23 @@ def test_a_second_writer_of_the_same_file_is_refused(tiny, tmp_path):
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(StepscopeError, match="another process is writing"):
             run(tiny, tmp_path)
+
+
+def test_the_results_lock_is_taken_before_the_run_and_handed_to_it(tiny, tmp_path):
+    pytest.importorskip("fcntl")
+    config = make_config(names=("baseline",), n=1)
+    prepare_run_dir(tmp_path, config)
+    with runner.lock_results(tmp_path) as lock:
+        with pytest.raises(StepscopeError, match="another process is writing"), runner.lock_results(tmp_path):
+            pass
+        with pytest.raises(StepscopeError, match="another process is writing"):
+            run(tiny, tmp_path, config)  # without the lock: refused, it is held
+        with pytest.raises(StepscopeError, match="the lock taken is for"):
+            run(tiny, tmp_path, config, shard=Shard(1, 2), lock=lock)
+        outcome = run(tiny, tmp_path, config, lock=lock)
+    assert outcome.written == 3 and len(read_results(outcome.results_path)) == 3
+    with runner.lock_results(tmp_path):  # released when the block ended
+        pass
 
 
 def test_problems_must_match_the_config(tiny, tmp_path):

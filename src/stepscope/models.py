@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir
@@ -42,10 +44,7 @@ def load_model(
     is passed to ``from_pretrained`` for models spread over several GPUs. Remote code runs only when
     ``trust_remote_code=True``.
     """
-    import torch
-
-    if device in (None, "auto") and device_map is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _resolve_device(device, device_map)
     torch_dtype = _resolve_dtype(dtype, device)
     if name_or_path == "default":
         path = default_model_path()
@@ -63,6 +62,102 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = name_or_path  # what the user asked for, recorded with traces
     return model, tokenizer
+
+
+def _resolve_device(device, device_map):
+    """The device ``load_model`` moves the model to (None when ``device_map`` places it)."""
+    if device in (None, "auto") and device_map is None:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def device_kind(device: str | None = None, device_map: str | dict | None = None) -> str:
+    """The kind of device a model will compute on (``cpu``, ``cuda``, ``mps``, ...), without loading it.
+
+    The index is left out on purpose: shards of one run on ``cuda:0`` and ``cuda:1`` compute alike.
+    """
+    if device_map is not None:
+        if not isinstance(device_map, str):
+            return "custom device_map"
+        if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device_map.split(":")[0]
+    import torch
+
+    resolved = str(_resolve_device(device, None))
+    try:
+        kind = torch.device(resolved).type
+    except RuntimeError:
+        raise StepscopeError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise StepscopeError(f"--device {device} but this machine has no usable CUDA GPU; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise StepscopeError(f"--device {device} but this machine has no usable MPS device; use --device cpu")
+    return kind
+
+
+def dtype_name(dtype: str | None = None, device: str | None = None, device_map: str | dict | None = None,
+               checkpoint: CheckpointIdentity | None = None) -> str:
+    """The dtype ``load_model`` will load in, as a name (``float32``, ``bfloat16``, ...), without loading.
+
+    ``auto`` is read from the checkpoint's config when it is on disk, else stays ``auto`` (the hub id then
+    decides it, and the id is recorded too).
+    """
+    resolved = _resolve_dtype(dtype, _resolve_device(device, device_map))
+    if resolved == "auto":
+        return (checkpoint.dtype if checkpoint is not None else None) or "auto"
+    return str(resolved).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a checkpoint directory tells without loading its weights (all None for a hub id not on disk)."""
+
+    path: str | None
+    fingerprint: str | None  # a hash of the config (minus version stamps) and the weight files' names and sizes
+    num_layers: int | None
+    dtype: str | None
+
+
+# Written by whichever transformers version saved the file, not part of the model.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def checkpoint_identity(name_or_path: str) -> CheckpointIdentity:
+    """Fingerprint a local checkpoint cheaply (one small file read and a directory listing, no weights read).
+
+    ``"default"`` and ``"organism"`` resolve to their directories (converting the default model once, as
+    loading it would). A hub id gets no fingerprint: only its name identifies it.
+    """
+    if name_or_path == "default":
+        path = default_model_path()
+    elif name_or_path == "organism":
+        path = organism_path()
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            return CheckpointIdentity(None, None, None, None)
+    config: dict = {}
+    try:
+        loaded = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass  # not a plain transformers directory: loading will say what is wrong
+    weights = sorted((f.name, f.stat().st_size) for f in path.iterdir()
+                     if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    if not config and not weights:
+        return CheckpointIdentity(str(path), None, None, None)
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps({"config": stable, "weights": weights}, sort_keys=True, separators=(",", ":"))
+    layers = config.get("num_hidden_layers")
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return CheckpointIdentity(str(path), hashlib.sha256(blob.encode()).hexdigest()[:16],
+                              layers if isinstance(layers, int) else None, dtype if isinstance(dtype, str) else None)
 
 
 def _resolve_dtype(dtype, device):
@@ -199,3 +294,32 @@ def organism_path() -> Path:
             "the organism model is not built yet: run `stepscope organism build` (about an hour on 2 CPU cores)"
         )
     return path
+
+
+def model_path(name_or_path: str) -> str:
+    """Where ``name_or_path`` loads from: the default model's and the organism's cache directories for
+    ``"default"`` / ``"organism"``, anything else unchanged (a directory or a hub id)."""
+    if name_or_path == "default":
+        return str(default_model_path())
+    if name_or_path == "organism":
+        return str(organism_path())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str = "default", *, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of a model, without its weights (as :func:`load_model` sets it up: a pad token is set)."""
+    from transformers import AutoTokenizer
+
+    path = model_path(name_or_path)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    if not Path(path).exists() and not _hub_reachable():
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(_not_found_message(path, e)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

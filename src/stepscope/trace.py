@@ -142,6 +142,16 @@ class Trace:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def __repr__(self) -> str:  # short: counts and labels, no token ids (see stepscope.notebook)
+        from .notebook import trace_repr
+
+        return trace_repr(self)
+
+    def _repr_html_(self) -> str:  # Jupyter: coloured steps, a segment legend, control tokens hidden
+        from .notebook import trace_html
+
+        return trace_html(self)
+
     def steps_of(self, kind: str) -> list[Step]:
         return [s for s in self.steps if s.kind == kind]
 
@@ -163,10 +173,18 @@ class Trace:
             out[s.start : s.end] = SEGMENT_ID[s.kind]
         return out
 
-    def pretty(self, width: int = 100, max_chars: int = 400) -> str:
+    def display_text(self, step: Step) -> str:
+        """``step``'s text for reading: control tokens such as ``<|im_end|>`` left out (the ids keep them)."""
+        from .notebook import display_text
+
+        return display_text(self.token_texts[step.start : step.end])
+
+    def pretty(self, width: int = 100, max_chars: int = 400, show_warnings: bool = True) -> str:
+        """The question, numbered thinking steps and summary steps as text (control tokens hidden); with
+        ``show_warnings``, the trace's warnings at the end (a command that reports warnings itself leaves them out)."""
         lines = []
         for s in self.steps:
-            body = " ".join(s.text.split())
+            body = " ".join(self.display_text(s).split())
             if len(body) > max_chars:
                 body = body[: max_chars - 3] + "..."
             head = {"question": "Question", "thinking": f"  [T{s.index}]", "summary": f"  [S{s.index}]"}[s.kind]
@@ -179,7 +197,7 @@ class Trace:
                 if s.kind == "summary" and s.index == 1:
                     lines.append("Summary:")
                 lines.append(f"{head} {body}")
-        for w in self.warnings:
+        for w in self.warnings if show_warnings else ():
             lines.append(f"warning: {w}")
         return "\n".join(_wrap(line, width) for line in lines)
 
@@ -204,9 +222,17 @@ class Trace:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trace":
+        if not isinstance(d, dict):
+            kind = {list: "a JSON array", str: "a JSON string"}.get(type(d), f"a JSON {type(d).__name__}")
+            raise TraceError(f"not a stepscope trace: it holds {kind}, not an object; pass one trace file per --trace "
+                             "(as written by stepscope)")
         try:
             if d.get("format") != "stepscope.trace":
                 raise TraceError("not a stepscope trace (missing \"format\": \"stepscope.trace\")")
+            if not isinstance(d["steps"], list) or not all(isinstance(s, dict) for s in d["steps"]):
+                raise TraceError("malformed trace: \"steps\" must be a list of objects")
+            if not isinstance(d.get("meta", {}), dict):
+                raise TraceError("malformed trace: \"meta\" must be an object")
             steps = [Step(**s) for s in d["steps"]]
             trace = cls(
                 [int(t) for t in d["token_ids"]],
@@ -221,8 +247,10 @@ class Trace:
             )
         except TraceError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise TraceError(f"malformed trace: {e!r}") from None
+        except KeyError as e:
+            raise TraceError(f"malformed trace: the field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise TraceError(f"malformed trace: {e}") from None
         trace.validate()
         return trace
 
@@ -254,11 +282,25 @@ class Trace:
         except TraceError as e:
             raise TraceError(f"{path}: {e}") from None
 
+    def check_vocab(self, vocab_size: int, model: str | None = None) -> None:
+        """Refuse token ids outside ``0..vocab_size-1`` (a trace from another model, or edited by hand), which
+        would otherwise fail deep inside the embedding lookup (or as a device-side assert on a GPU)."""
+        bad = [(i, t) for i, t in enumerate(self.token_ids) if not 0 <= t < vocab_size]
+        if bad:
+            i, t = bad[0]
+            made = f" (it was made with {self.model})" if self.model else ""
+            raise TraceError(
+                f"the trace has {len(bad)} token id(s) outside the vocabulary of {model or 'this model'} "
+                f"(0..{vocab_size - 1}), first {t} at position {i}{made}; use the model that wrote the trace"
+            )
+
     def validate(self) -> None:
         """Check the invariants: spans ordered, contiguous, covering tokens 1..end, texts consistent."""
         n = len(self.token_ids)
         if len(self.token_texts) != n:
             raise TraceError(f"{len(self.token_texts)} token texts for {n} tokens")
+        if not 1 <= self.prompt_len <= n:
+            raise TraceError(f"prompt length {self.prompt_len} does not fit a trace of {n} tokens")
         pos = 1
         order = {"question": 0, "thinking": 1, "summary": 2}
         last_kind = 0

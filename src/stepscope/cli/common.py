@@ -51,6 +51,21 @@ def add_out_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", type=Path, default=Path(default), help=f"output directory (default: {default})")
 
 
+def figure_formats(text: str) -> tuple[str, ...]:
+    """argparse type of --format: ``png,pdf,svg`` -> ("png", "pdf", "svg"); unknown names are a usage error."""
+    from ..figures import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", type=figure_formats, default=("png",), metavar="FMT[,FMT]",
+                   help="figure files to write: any of png (200 dpi), pdf, svg, comma-separated (default: png)")
+
+
 def load_model_from_args(args):
     from ..models import load_model
 
@@ -77,6 +92,8 @@ def read_questions(path: Path, field: str) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise StepscopeError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise StepscopeError(f"{path} is not UTF-8 text; pass a JSONL file with one question per line") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

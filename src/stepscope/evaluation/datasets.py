@@ -10,14 +10,18 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import math
 import os
 import random
 import re
+import string
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import StepscopeError
+from ..extras import require
 
 __all__ = [
     "DATASETS",
@@ -26,6 +30,7 @@ __all__ = [
     "INSTRUCTIONS",
     "DatasetSpec",
     "Problem",
+    "QuestionTemplate",
     "build_user_message",
     "load_problems",
     "load_problems_from_file",
@@ -195,11 +200,30 @@ def _pick_field(row: Mapping, candidates: str | tuple[str, ...], what: str, wher
     )
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _damaged_row(spec: DatasetSpec, index: int, where: str, what: str) -> StepscopeError:
+    # refused rather than skipped: a silently smaller set would no longer be the published benchmark
+    return StepscopeError(
+        f"{where} ({spec.name} problem {index}) has {what}; the copy looks damaged: fetch it again, or leave "
+        "that problem out with --indices"
+    )
+
+
 def _problem_from_row(spec: DatasetSpec, row: dict, index: int, where: str) -> Problem:
     if spec.row_adapter:
         row = _ROW_ADAPTERS[spec.row_adapter](row, index)
-    question = str(_pick_field(row, spec.question_field, "question", where))
-    answer = _ANSWER_FORMATS[spec.answer_format](_pick_field(row, spec.answer_field, "answer", where))
+    raw_question = _pick_field(row, spec.question_field, "question", where)
+    raw_answer = _pick_field(row, spec.answer_field, "answer", where)
+    for value, what in ((raw_question, "question"), (raw_answer, "answer")):
+        if _blank(value):
+            raise _damaged_row(spec, index, where, f"{'a null' if value is None else 'an empty'} {what}")
+    question = str(raw_question)
+    answer = _ANSWER_FORMATS[spec.answer_format](raw_answer)
+    if not answer.strip():  # e.g. a GSM8K solution with nothing after its ####
+        raise _damaged_row(spec, index, where, "no answer after formatting")
     meta: dict[str, Any] = {"dataset": spec.name, "index": index}
     if spec.numeric:
         meta["numeric"] = True
@@ -259,20 +283,28 @@ def _select(rows: Sequence[Any], limit: int | None, indices: Sequence[int] | Non
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line, with a clear error naming a bad line."""
+    if path.is_dir():
+        raise StepscopeError(f"{path} is a directory; pass a JSONL file (one JSON object per line)")
     if not path.is_file():
         raise StepscopeError(f"no such file: {path}; check the path")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark from an editor is not an error
+    except UnicodeDecodeError:
+        raise StepscopeError(f"{path} is not UTF-8 text; pass a JSONL file (one JSON object per line)") from None
+    except OSError as exc:
+        raise StepscopeError(f"cannot read {path}: {exc.strerror or exc}") from None
     rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StepscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise StepscopeError(f"{path}:{lineno} is not a JSON object; write one object per line")
-            rows.append((lineno, obj))
+    # split on "\n" only: str.splitlines would also cut inside strings holding U+2028 and shift line numbers
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StepscopeError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise StepscopeError(f"{path}:{lineno} is not a JSON object; write one object per line")
+        rows.append((lineno, obj))
     return rows
 
 
@@ -358,36 +390,157 @@ def load_problems(
     return [_problem_from_row(spec, row, i, f"{spec.hub_id} row {i}") for i, row in chosen_hub]
 
 
+@dataclass(frozen=True)
+class QuestionTemplate:
+    """A user's question built from several row fields, e.g. ``"{Body} {Question}"`` (Python format syntax).
+
+    Only plain field names are allowed: ``{row.attr}`` and ``{row[0]}`` would reach into Python objects, and
+    positional ``{}`` has nothing to fill it.
+    """
+
+    text: str
+    fields: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> QuestionTemplate:
+        hint = 'write row fields in braces, e.g. --question-template "{Body} {Question}"'
+        try:
+            parts = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise StepscopeError(f"bad --question-template {text!r} ({exc}); {hint}") from None
+        names: list[str] = []
+        for _, name, spec, _ in parts:
+            if name is None:
+                continue
+            if not name or name.isdigit():
+                raise StepscopeError(f"--question-template {text!r} has a positional field {{{name}}}; {hint}")
+            if any(c in name for c in ".[]"):
+                raise StepscopeError(f"--question-template field {{{name}}} must be a plain row field name; {hint}")
+            if spec and "{" in spec:
+                raise StepscopeError(f"--question-template field {{{name}}} has a nested field in its format; {hint}")
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise StepscopeError(f"--question-template {text!r} names no row field; {hint}")
+        return cls(text, tuple(names))
+
+    def render(self, row: Mapping[str, Any], where: str) -> str:
+        out: list[str] = []
+        for literal, name, spec, conversion in string.Formatter().parse(self.text):
+            out.append(literal)
+            if name is None:
+                continue
+            if name not in row:
+                raise StepscopeError(
+                    f"{where} has no field {name!r} named in --question-template (fields: {', '.join(map(str, row))})"
+                )
+            value = row[name]
+            if value is None:
+                raise StepscopeError(f"{where}: field {name!r} of --question-template is null; fill it or remove that line")
+            if isinstance(value, (list, dict)):
+                raise StepscopeError(f"{where}: field {name!r} of --question-template holds a JSON "
+                                     f"{'array' if isinstance(value, list) else 'object'}; it must be text or a number")
+            if conversion:
+                value = {"r": repr, "s": str, "a": ascii}[conversion](value)
+            try:
+                out.append(format(value, spec or ""))
+            except (ValueError, TypeError) as exc:
+                raise StepscopeError(f"{where}: field {name!r} does not fit its format {spec!r} ({exc})") from None
+        return "".join(out)
+
+
+# Fields that usually hold part of the problem beside the question (SVAMP and ASDiv: Body + Question).
+_CONTEXT_FIELDS = ("body", "premise", "context", "passage", "story", "background", "scenario", "preamble")
+
+
+def _user_text(value: Any, what: str, field_name: str, where: str) -> str:
+    """The question (or answer) of a user row as text; null, empty, arrays and objects are refused."""
+    if value is None:
+        raise StepscopeError(f"{where}: the {what} field {field_name!r} is null; fill it or remove that line")
+    if isinstance(value, (list, dict)):
+        kind = "an array" if isinstance(value, list) else "an object"
+        raise StepscopeError(f"{where}: the {what} field {field_name!r} holds {kind}; write it as text or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StepscopeError(f"{where}: the {what} field {field_name!r} is {value}; write a finite number or text")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = _number_text(value)
+    else:
+        text = str(value)
+    if not text.strip():
+        raise StepscopeError(f"{where}: the {what} field {field_name!r} is empty; fill it or remove that line")
+    return text
+
+
+def _warn_unused_context(path: Path, rows: Sequence[Mapping[str, Any]], question_field: str) -> None:
+    """Warn once when rows carry premise-like fields that a single question field leaves out of the prompt."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        for name, value in row.items():
+            if name != question_field and str(name).lower() in _CONTEXT_FIELDS and isinstance(value, str) and value.strip():
+                counts[name] = counts.get(name, 0) + 1
+    if counts:
+        names = sorted(counts, key=lambda n: (-counts[n], n))
+        template = " ".join(f"{{{n}}}" for n in [*names, question_field])
+        warnings.warn(
+            f"{path}: field{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} beside the question field "
+            f"{question_field!r} {'are' if len(names) > 1 else 'is'} not in the prompt (in {max(counts.values())} "
+            f"of {len(rows)} rows); pass --question-template \"{template}\" to include them",
+            stacklevel=3,
+        )
+
+
 def load_problems_from_file(
     path: str | os.PathLike,
     *,
-    question_field: str,
+    question_field: str | None = None,
     answer_field: str,
     grader: str,
     id_field: str | None = None,
     limit: int | None = None,
     indices: Sequence[int] | None = None,
+    question_template: str | None = None,
 ) -> list[Problem]:
-    """Load the user's own JSONL; fields other than question and answer are kept in ``meta``."""
+    """Load the user's own JSONL; fields other than question and answer are kept in ``meta``.
+
+    The question is the row's ``question_field`` (default ``"question"``), or ``question_template`` filled
+    from the row's fields (e.g. ``"{Body} {Question}"``); give one of the two. A null or empty question or
+    answer is refused with its line number, so nothing is evaluated against a made-up gold such as "None".
+    """
     if grader not in GRADERS:
         raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    if question_template is not None and question_field is not None:
+        raise StepscopeError("give --question-field or --question-template, not both")
+    template = QuestionTemplate.parse(question_template) if question_template is not None else None
+    question_field = question_field or "question"
     path = Path(path).expanduser()
     rows = _read_jsonl(path)
     if not rows:
         raise StepscopeError(f"{path} holds no problems; write one JSON object per line")
+    chosen = _select(rows, limit, indices, str(path))
+    if template is None:
+        _warn_unused_context(path, [row for _, (_, row) in chosen], question_field)
+    used = set(template.fields) if template is not None else {question_field}
     problems = []
-    for i, (lineno, row) in _select(rows, limit, indices, str(path)):
+    for i, (lineno, row) in chosen:
         where = f"{path}:{lineno}"
-        question = _pick_field(row, question_field, "question", where)
-        answer = _pick_field(row, answer_field, "answer", where)
+        if template is not None:
+            question = template.render(row, where)
+            if not question.strip():
+                raise StepscopeError(f"{where}: --question-template gives an empty question; fill its fields")
+        else:
+            raw_question = _pick_field(row, question_field, "question", where)
+            _user_text(raw_question, "question", question_field, where)
+            question = str(raw_question)  # unchanged text: the problems' hash of existing runs must not move
+        answer = _user_text(_pick_field(row, answer_field, "answer", where), "answer", answer_field, where)
         if id_field is not None:
-            pid = str(_pick_field(row, id_field, "id", where))
+            raw_id = _pick_field(row, id_field, "id", where)
+            _user_text(raw_id, "id", id_field, where)  # refuses a null or empty id
+            pid = str(raw_id)  # as before, so ids (and the problems' hash) of existing runs stay the same
         else:
             pid = f"{path.stem}/{i}"
-        meta = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
+        meta = {k: v for k, v in row.items() if k not in used and k != answer_field}
         meta.update(dataset=path.stem, index=i)
-        answer_text = _number_text(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else str(answer)
-        problems.append(Problem(pid, str(question), answer_text, grader, meta))
+        problems.append(Problem(pid, question, answer, grader, meta))
     if id_field is not None and len({p.id for p in problems}) != len(problems):
         raise StepscopeError(f"ids in field {id_field!r} of {path} repeat; problem ids must be unique")
     return problems
@@ -430,7 +583,7 @@ def parse_rg_params(items: Iterable[str]) -> dict[str, Any]:
 
 
 def _rg_tasks() -> list[str]:
-    from reasoning_gym.factory import DATASETS as RG_DATASETS  # noqa: PLC0415 - heavy, on demand
+    RG_DATASETS = require("reasoning_gym.factory", "reasoning-gym tasks").DATASETS  # heavy, on demand
 
     return sorted(RG_DATASETS)
 
@@ -458,7 +611,7 @@ def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> lis
 
 def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, limit, indices) -> list[Problem]:
     """Generate reasoning-gym problems offline; item i depends on the seed and i, not on ``size``."""
-    import reasoning_gym  # noqa: PLC0415
+    reasoning_gym = require("reasoning_gym", "reasoning-gym tasks")
 
     tasks = _rg_tasks()
     if task not in tasks:

@@ -18,25 +18,30 @@ import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import StepscopeError
 from ..stepflow import StepFlowConfig
 from .datasets import Problem, build_user_message
 
+if TYPE_CHECKING:
+    from .graders import GradingConfig
+
 __all__ = [
     "CONDITION_NAMES",
     "Condition",
     "DistributedContext",
+    "ResultsLock",
     "RunConfig",
     "RunOutcome",
     "Sampling",
     "Shard",
     "build_conditions",
     "distributed_context",
+    "lock_results",
     "merge_results",
     "parse_conditions",
     "parse_shard",
@@ -133,7 +138,10 @@ class RunConfig:
     """Everything that decides a run's results; a run directory holds exactly one.
 
     ``dataset``: the set's name and selection (JSON-able; machine-specific paths such as the data directory
-    are left out, and ``problems_sha`` pins the content instead).
+    are left out, and ``problems_sha`` pins the content instead). ``dtype`` and ``device`` (its kind:
+    ``cpu``, ``cuda``, ...) are what the model computes in, and ``model_files`` fingerprints a local
+    checkpoint (see :func:`stepscope.models.checkpoint_identity`); each is recorded only when set, so runs
+    made before they existed still resume.
     """
 
     model: str
@@ -144,6 +152,10 @@ class RunConfig:
     conditions: tuple[Condition, ...]
     profile: str = "auto"
     instruction: bool = True
+    dtype: str | None = None
+    device: str | None = None
+    model_files: str | None = None
+    grading: GradingConfig | None = None  # None: the default (stepscope) grading
 
     def __post_init__(self) -> None:
         if not self.conditions:
@@ -163,6 +175,9 @@ class RunConfig:
             "conditions": {c.name: c.stepflow_dict() for c in self.conditions},
             "profile": self.profile,
             "instruction": self.instruction,
+            **{k: getattr(self, k) for k in _OPTIONAL_FIELDS if getattr(self, k) is not None},
+            # only a non-default mode is written, so default runs keep their run id
+            **({"grading": self.grading.to_dict()} if self.grading and self.grading.mode != "stepscope" else {}),
         }
 
     @classmethod
@@ -170,7 +185,8 @@ class RunConfig:
         conditions = tuple(Condition(name, None if cfg is None else StepFlowConfig.from_dict(cfg))
                            for name, cfg in d["conditions"].items())
         return cls(d["model"], dict(d["dataset"]), d["problems_sha"], int(d["num_problems"]),
-                   Sampling(**d["sampling"]), conditions, d.get("profile", "auto"), bool(d.get("instruction", True)))
+                   Sampling(**d["sampling"]), conditions, d.get("profile", "auto"), bool(d.get("instruction", True)),
+                   **{k: d.get(k) for k in _OPTIONAL_FIELDS}, grading=_grading_config(d.get("grading")))
 
     def fingerprint(self) -> str:
         """A short hash of the canonical JSON form: the run id written into every result line."""
@@ -187,10 +203,18 @@ class RunConfig:
         s = self.sampling
         return {"run": self.fingerprint(), "model": self.model, "dataset": self.dataset.get("name"), "n": s.n,
                 "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
-                "seed": s.seed, "stepflow": condition.stepflow_dict()}
+                "seed": s.seed, "stepflow": condition.stepflow_dict(), "dtype": self.dtype, "device": self.device}
 
 
+# Top-level config fields added after run.json existed: absent from an older run.json means "not recorded".
+_OPTIONAL_FIELDS = ("dtype", "device", "model_files")
 _MISSING = object()
+
+
+def _grading_config(d: Mapping[str, Any] | None) -> GradingConfig | None:
+    from .graders import GradingConfig  # noqa: PLC0415 - keeps importing the runner light
+
+    return None if d is None else GradingConfig.from_dict(dict(d))
 
 
 def _canonical(obj: Any) -> str:
@@ -378,7 +402,7 @@ def read_run_file(directory: str | os.PathLike) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise StepscopeError(f"cannot read {path} ({exc}); remove it only if the directory holds no results") from None
     if not isinstance(data, dict) or "config" not in data:
         raise StepscopeError(f"{path} is not a stepscope run file")
@@ -415,19 +439,35 @@ def prepare_run_dir(directory: str | os.PathLike, config: RunConfig) -> Path:
     from .. import __version__  # noqa: PLC0415 - avoid a cycle at import time
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StepscopeError(f"cannot create the run directory {directory} ({exc.strerror or exc}); "
+                             "pass a writable --out") from None
     existing = read_run_file(directory)
     if existing is None:
         if result_files(directory):
             raise StepscopeError(f"{directory} holds results but no {RUN_NAME}; use another --out")
         fresh = {"format": "stepscope.eval-run", "config": config.to_dict(), "run_id": config.fingerprint(),
                  "info": {"stepscope_version": __version__}}
-        if _create_json(directory / RUN_NAME, fresh):
-            return directory
+        try:
+            if _create_json(directory / RUN_NAME, fresh):
+                return directory
+        except OSError as exc:
+            raise StepscopeError(f"cannot write {directory / RUN_NAME} ({exc.strerror or exc}); "
+                                 "pass a writable --out") from None
         existing = read_run_file(directory)  # another shard process created it first: check against that
+        if existing is None:
+            raise StepscopeError(f"{directory / RUN_NAME} exists but is not a file; pass another --out")
     diffs = config.differences(existing["config"])
+    unrecorded = [k for k, old, _ in diffs if k in _OPTIONAL_FIELDS and old == "<absent>"]
+    if unrecorded:
+        warnings.warn(f"{directory} was started before stepscope recorded {', '.join(unrecorded)}; resuming "
+                      "without checking them, so use the same settings as when it was started")
+        diffs = [d for d in diffs if d[0] not in unrecorded]
     if diffs:
-        shown = "; ".join(f"{k} is {_short(a)} there, {_short(b)} now" for k, a, b in diffs[:4])
+        shown = "; ".join(f"{k} is {_short(a)} there, {_short(b)} now{_FIELD_NOTES.get(k, '')}"
+                          for k, a, b in diffs[:4])
         more = f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else ""
         raise StepscopeError(
             f"{directory} already holds a run with a different config: {shown}{more}. Re-run with the same "
@@ -447,6 +487,9 @@ def update_run_info(directory: str | os.PathLike, **info: Any) -> None:
         raise StepscopeError(f"{directory} has no {RUN_NAME}; call prepare_run_dir first")
     data.setdefault("info", {}).update(info)
     _write_json_atomic(directory / RUN_NAME, data)
+
+
+_FIELD_NOTES = {"model_files": " (the checkpoint's config or weight files changed)"}
 
 
 def _short(value: Any) -> str:
@@ -514,12 +557,15 @@ def run_eval(
     progress: bool = True,
     on_sample: Callable[[dict], None] | None = None,
     grade_fn: GradeFn | None = None,
+    lock: ResultsLock | None = None,
 ) -> RunOutcome:
     """Generate, grade and append every (problem, sample, condition) of ``shard`` not yet in ``out``.
 
     Conditions advance in lockstep, one batch of (problem, sample) pairs at a time, so a run stopped early
     still holds paired results. ``on_sample(record)`` is called after each line is written (for tests and
     monitors); ``grade_fn(problems, responses)`` replaces the graders (default: :func:`grade_many`).
+    ``lock``: this shard's results file, already taken with :func:`lock_results` (a CLI takes it before the
+    model loads, so a second process is refused at once).
     """
     from .graders import grade_many  # noqa: PLC0415 - keeps importing the runner light
 
@@ -527,11 +573,14 @@ def run_eval(
         raise StepscopeError("--batch-size must be at least 1")
     if problems_fingerprint(problems) != config.problems_sha or len(problems) != config.num_problems:
         raise StepscopeError("the problems differ from the ones the run config was made for; rebuild the config")
+    _check_model_matches(model, config)
     out = prepare_run_dir(out, config)
-    grade = grade_fn or (lambda ps, rs: grade_many(ps, rs, workers=min(workers, len(ps))))
+    grade = grade_fn or (lambda ps, rs: grade_many(ps, rs, workers=min(workers, len(ps)), config=config.grading))
     units = _shard_units(problems, config, shard)
     results_path = out / shard.results_name
-    with _locked_append(results_path) as fh:
+    if lock is not None and lock.path.resolve() != results_path.resolve():
+        raise StepscopeError(f"the lock taken is for {lock.path}, but this shard writes {results_path}")
+    with (nullcontext(lock.handle) if lock is not None else _locked_append(results_path)) as fh:
         read_results(results_path, repair=True)
         done_records, _ = merge_results(out)
         done = {record_key(r) for r in done_records}
@@ -571,10 +620,43 @@ def _chunks(items: Sequence[_Unit], size: int) -> Iterator[Sequence[_Unit]]:
         yield items[start:start + size]
 
 
+def _check_model_matches(model, config: RunConfig) -> None:
+    """Refuse a model whose dtype or device kind is not the one the config records (a mislabelled run)."""
+    actual = {"dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+              "device": getattr(getattr(model, "device", None), "type", None)}
+    for name, value in actual.items():
+        wanted = getattr(config, name)
+        if wanted in (None, "auto", "custom device_map") or not value:
+            continue
+        if value != wanted:
+            raise StepscopeError(f"the run config says {name} {wanted}, but the model's {name} is {value}; build "
+                                 "the config from the settings the model was loaded with")
+
+
+@dataclass(frozen=True)
+class ResultsLock:
+    """A shard's results file, open for appending and held against other processes (see :func:`lock_results`)."""
+
+    path: Path
+    handle: Any
+
+
+@contextmanager
+def lock_results(out: str | os.PathLike, shard: Shard = Shard()) -> Iterator[ResultsLock]:
+    """Take this shard's results file in ``out`` (after :func:`prepare_run_dir`), refusing at once when another
+    process is writing it; pass the lock to :func:`run_eval`. The lock is released when the block ends."""
+    path = Path(out) / shard.results_name
+    with _locked_append(path) as fh:
+        yield ResultsLock(path, fh)
+
+
 @contextmanager
 def _locked_append(path: Path) -> Iterator[Any]:
     """Open the results file for appending, refusing if another process is appending to it."""
-    fh = path.open("a", encoding="utf-8")
+    try:
+        fh = path.open("a", encoding="utf-8")
+    except OSError as exc:
+        raise StepscopeError(f"cannot write {path} ({exc.strerror or exc}); pass a writable --out") from None
     try:
         try:
             import fcntl  # noqa: PLC0415 - POSIX only; elsewhere the lock is skipped

@@ -47,6 +47,11 @@ def step_saliency(
             )
     if batch_size < 1:
         raise StepscopeError("batch_size must be at least 1")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    if vocab:
+        for t in traces:
+            t.check_vocab(int(vocab), getattr(model, "name_or_path", None))
     opts = SaliencyOptions(target=target, chunk_mb=chunk_mb, keep_mb=keep_mb, method=method, progress=progress)
     import contextlib
 
