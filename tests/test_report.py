@@ -79,7 +79,7 @@ def test_report_shows_scores_steps_and_escapes_text(report_html, computed):
     assert "<script>alert(" not in doc
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in doc
     for step in trace.steps[1:]:
-        assert html.escape(step.text) in doc
+        assert html.escape(trace.display_text(step)) in doc  # control tokens hidden (tested below)
         assert f'<span class="tag">{step.label}</span>' in doc
     for sentence in describe.reading(result):
         assert html.escape(sentence) in doc
@@ -90,6 +90,16 @@ def test_report_writes_the_pngs(report_html):
     path, _ = report_html
     for name in ("layer_maps.png", "metric_curves.png", "band_scores.png"):
         assert (path.parent / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_writes_the_figures_in_the_formats_asked(computed, tmp_path):
+    trace, result = computed["full"]
+    doc = write_report(result, trace, tmp_path, formats=("pdf", "svg")).read_text(encoding="utf-8")
+    for stem in ("layer_maps", "metric_curves", "band_scores"):
+        assert (tmp_path / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+        assert b"<svg" in (tmp_path / f"{stem}.svg").read_bytes()[:2000]
+        assert not (tmp_path / f"{stem}.png").exists()
+    assert 'src="data:image/png;base64,' in doc  # the page embeds PNGs whatever files were asked for
 
 
 def test_two_conditions_are_compared(computed, tmp_path):
@@ -115,7 +125,134 @@ def test_report_for_traces_missing_a_segment(computed, tmp_path, kind, reason):
     assert len(re.findall(r'class="layer-map"', doc)) == result.num_layers
 
 
+def test_control_tokens_are_hidden_in_the_report_and_kept_in_the_trace(report_html, computed, tmp_path):
+    _, doc = report_html
+    trace, _ = computed["full"]
+    shown = re.sub(r"<details>.*?</details>", "", doc, flags=re.DOTALL)  # the prompt as tokenised shows them
+    assert "&lt;|im_end|&gt;" not in shown and "&lt;/think&gt;" not in shown
+    assert "Final answer: 10" in shown and "So we have ten now." in shown
+    saved = stepscope.Trace.load(trace.save(tmp_path / "t.json"))
+    assert "<|im_end|>" in saved.token_texts and saved.token_ids == trace.token_ids
+
+
+# -- with and without StepFlow on the same trace -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stepflow_pair(tokenizers):
+    """(trace, baseline, with-StepFlow result carrying the teacher-forced activity, model, tokenizer)."""
+    from stepscope.cli.diagnose import _teacher_forced_activity
+
+    tok = tokenizers["think"]
+    model = tiny_model("llama", tok, layers=4)
+    cfg = stepscope.StepFlowConfig(tau_max=0.9)  # high enough that this random model's heads get edited
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace = stepscope.Trace.from_text(tok, QUESTION, RESPONSES["full"])
+    r0 = stepscope.step_saliency(model, tok, trace, progress=False)
+    r1 = stepscope.step_saliency(model, tok, trace, stepflow=cfg, progress=False)
+    r1.meta["stepflow_activity"] = _teacher_forced_activity(model, tok, cfg, trace)
+    return trace, r0, r1, model, tok
+
+
+def test_the_teacher_forced_activity_counts_real_edits(stepflow_pair):
+    from stepscope.cli.diagnose import _teacher_forced_activity
+
+    trace, _, r1, model, tok = stepflow_pair
+    act = r1.meta["stepflow_activity"]
+    assert set(act["oeb_edits_per_layer"]) == {0} and act["oeb_edits_per_layer"][0] > 0
+    assert act["bridge_mass_after"] > act["bridge_mass_before"]
+    assert act["smi_injections"] == len(trace.steps_of("thinking")) - 1  # at each start of a later step
+    off = _teacher_forced_activity(model, tok, stepscope.StepFlowConfig(tau_max=0.0, alpha=0.0), trace)
+    assert off["oeb_edits_per_layer"][0] == 0 and off["bridge_mass_after"] == off["bridge_mass_before"]
+
+
+@pytest.fixture(scope="module")
+def stepflow_report(stepflow_pair, tmp_path_factory):
+    trace, r0, r1, _, tok = stepflow_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = stepscope.Trace.from_ids(tok, trace.token_ids[:-3] + tok("Final answer: 11")["input_ids"],
+                                         trace.prompt_len, question=trace.question, profile="think",
+                                         meta={"stepflow": r1.meta["stepflow_activity"]})
+    out = tmp_path_factory.mktemp("sf-report")
+    path = write_report({"baseline": r0, "StepFlow": r1}, trace, out, stepflow_trace=other)
+    return path, path.read_text(encoding="utf-8"), other
+
+
+def test_a_stepflow_report_says_how_it_was_measured_and_what_the_edits_did(stepflow_pair, stepflow_report):
+    trace, _, r1, _, _ = stepflow_pair
+    _, doc, _ = stepflow_report
+    assert "How this was measured" in doc
+    assert html.escape(describe.measurement(trace, r1)) in doc
+    assert "teacher-forced on that same trace twice" in doc
+    assert "OEB on layers 0 (tau_max=0.9); SMI on layers 3" in doc
+    assert "&quot;oeb_layers&quot;: [0]" in doc and "&quot;smi_layers&quot;: [3]" in doc  # resolved, not null
+    assert "&quot;oeb_layers&quot;: null" not in doc
+    edits = r1.meta["stepflow_activity"]["oeb_edits_per_layer"][0]
+    assert f"OEB edited {edits:,} head-queries" in doc and f'<td class="num">{edits:,}</td>' in doc
+
+
+def test_a_stepflow_report_has_one_side_by_side_table_and_a_difference_map(stepflow_pair, stepflow_report):
+    _, r0, r1, _, _ = stepflow_pair
+    path, doc, _ = stepflow_report
+    assert "<th>baseline</th><th>StepFlow</th><th>change</th>" in doc
+    assert doc.count("<th>Shallow Lock-in</th>") == 1 and doc.count("<th>Deep Decay</th>") == 1
+    change = r1.shallow_lock_in - r0.shallow_lock_in
+    assert f"{r0.shallow_lock_in:.3f}" in doc and f"{r1.shallow_lock_in:.3f}" in doc
+    assert (f"{change:+.3f}" if abs(change) >= 0.0005 else "0.000") in doc
+    assert "What changed: StepFlow &minus; baseline" in doc and 'alt="difference maps StepFlow minus baseline"' in doc
+    assert html.escape(describe.largest_shifts_text(r0, r1, ("baseline", "StepFlow"))) in doc
+    assert (path.parent / "difference_maps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_stepflow_report_shows_the_trace_generated_with_stepflow(stepflow_pair, stepflow_report):
+    trace, *_ = stepflow_pair
+    _, doc, other = stepflow_report
+    assert "<h2>The trace generated with StepFlow</h2>" in doc
+    k = describe.first_difference(trace, other)
+    assert k is not None and k < len(other.response_ids)
+    assert html.escape(describe.divergence(trace, other)) in doc
+    assert f"follows the baseline for its first {k} response tokens" in doc
+    assert "Final answer: 11" in doc
+
+
+def test_one_condition_gets_no_stepflow_sections(report_html):
+    _, doc = report_html
+    assert "How this was measured" not in doc and "What changed" not in doc
+
+
 # -- describe ------------------------------------------------------------------------------------------------
+def test_the_terminal_block_for_two_conditions_has_one_table(stepflow_pair):
+    trace, r0, r1, _, _ = stepflow_pair
+    text = describe.comparison_summary(r0, r1, trace)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100
+    assert sum(line.startswith("Shallow Lock-in") for line in lines) == 1
+    assert sum(line.startswith("Deep Decay") for line in lines) == 1
+    header = next(line for line in lines if "baseline" in line and "StepFlow" in line and "change" in line)
+    assert header.split() == ["baseline", "StepFlow", "change"]
+    row = next(line for line in lines if line.startswith("Shallow Lock-in"))
+    assert f"{r0.shallow_lock_in:.3f}" in row and f"{r1.shallow_lock_in:.3f}" in row
+    assert text.count("Step-Saliency:") == 1 and text.count("Bands:") == 1  # one header, not one per condition
+    assert "How this was measured: the trace was not generated by stepscope" in " ".join(text.split())
+    edits = r1.meta["stepflow_activity"]["oeb_edits_per_layer"][0]
+    assert f"OEB edited {edits:,} head-queries" in " ".join(text.split())
+
+
+def test_activity_lines_read_the_statistics():
+    stats = {"oeb_edits_per_layer": {"0": 120, "1": 30}, "oeb_edit_rate": 0.25, "bridge_mass_before": 0.031,
+             "bridge_mass_after": 0.15, "smi_injections": 6, "smi_mean_norm": 0.0123}
+    resolved = stepscope.StepFlowConfig().resolve(8)
+    oeb, smi = describe.activity_lines(stats, resolved)
+    assert oeb.startswith("OEB edited 150 head-queries (25% of the head-queries it could edit), per layer 0: 120, "
+                          "1: 30")
+    assert "3.1% before -> 15% after" in oeb
+    assert smi == ("SMI injected at 6 step starts, each in layers 6-7; mean norm of the added alpha*m (all heads "
+                   "of a layer) 0.0123.")
+    assert describe.activity_lines(None) == ["no StepFlow statistics recorded"]
+    quiet = describe.activity_lines({**stats, "smi_injections": 0}, resolved)[1]
+    assert quiet.startswith("SMI injected nothing")
+
+
 def shallow_numbers(r: StepSaliency) -> tuple[float, float]:
     """Question reach and Shallow Lock-in over the shallow band, recomputed from the sum map."""
     th = [i for i, s in enumerate(r.steps) if s.kind == "thinking"]

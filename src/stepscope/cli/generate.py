@@ -36,7 +36,7 @@ def run(args) -> int:
         path = t.save(out / f"trace_{i:04d}.json")
         print(f"== trace {i} ({len(t)} tokens, {t.meta.get('new_tokens')} generated, stop: {t.meta.get('stop')})"
               f" -> {path}")
-        print(t.pretty())
+        print(t.pretty(show_warnings=False))  # warnings are shown once per run, on stderr
         if "stepflow" in t.meta:
             print(f"   StepFlow: {_stats_line(t.meta['stepflow'])}")
         print()

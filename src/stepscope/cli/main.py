@@ -10,7 +10,7 @@ import warnings
 
 from ..errors import StepscopeError
 
-COMMANDS = ["generate", "diagnose", "eval", "report", "analyze", "organism"]  # modules; diagnose adds saliency
+COMMANDS = ["generate", "diagnose", "eval", "report", "analyze", "import_cmd", "calibrate", "organism"]  # modules; diagnose adds saliency
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     else:
         logging.basicConfig(level=logging.INFO)
+    _line_buffered()
+    from ..warnings_once import once_per_run
+
     try:
-        return int(args.func(args) or 0)
+        with once_per_run():  # each warning once, repeats counted and reported at the end
+            return int(args.func(args) or 0)
     except StepscopeError as e:
         if args.verbose:
             raise
@@ -61,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stepscope: interrupted", file=sys.stderr)
         return 130
+
+
+def _line_buffered() -> None:
+    """Flush stdout at every line even when it is piped, so that a log of a long run fills as it goes (Python
+    block-buffers a piped stdout; stderr is line-buffered already)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):  # a replaced stream (a test's capture, a notebook)
+            pass
 
 
 def _quiet_libraries() -> None:

@@ -141,9 +141,9 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 
 
 def _bar(total, enabled, desc):
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=not enabled or None)
+    return bar(total, desc, "layer", enabled=enabled)  # plain lines when stderr is a log, not silence
 
 
 def _layer_kinds(model, capture: Capture, n_layers: int) -> None:

@@ -2,7 +2,7 @@
 
 ``report.html`` is one file: images are base64 PNG data URIs, CSS and the small slider script are inline, and
 nothing points outside the file (no scripts, fonts, style sheets or URLs), so it can be mailed or archived.
-The PNGs are written next to it as well.
+The figures are written next to it as well, as PNG (200 dpi) and, on request, PDF and SVG.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import figures
 from . import describe, plots
 from .result import StepSaliency
 
@@ -166,20 +167,30 @@ def _legend() -> str:
     return f'<p class="legend">{items}</p>'
 
 
-def _trace_section(steps, trace) -> str:
+def _display_text(step, trace) -> str:
+    """A step's text for reading: control tokens (``<|im_end|>``, ...) hidden; the saved trace keeps them."""
+    texts = getattr(trace, "token_texts", None)
+    if texts is not None and step.end <= len(texts) and "".join(texts[step.start : step.end]) == step.text:
+        return trace.display_text(step)  # token by token: only whole control tokens are left out
+    from ..notebook import _SPECIAL
+
+    return _SPECIAL.sub("", step.text)
+
+
+def _trace_section(steps, trace, heading: str = "The trace", intro: str = "") -> str:
     rows = []
     for s in steps:
-        text = s.text
         if s.kind == "question" and getattr(trace, "question", ""):
-            # The question step holds the whole templated prompt; show the user's question, the template on demand.
-            text_html = (f"{_e(trace.question)}<details><summary>full prompt as tokenised</summary>"
-                         f"{_e(s.text)}</details>")
+            # The question step holds the whole templated prompt; show the user's question, the template on demand
+            # (as tokenised, control tokens included: that is what it is there to show).
+            text_html = (f"{_e(trace.question)}<details><summary>full prompt as tokenised (control tokens shown)"
+                         f"</summary>{_e(s.text)}</details>")
         else:
-            text_html = _e(text)
+            text_html = _e(_display_text(s, trace))
         rows.append(f'<div class="step k-{_e(s.kind)}"><span class="tag">{_e(s.label)}</span>'
                     f'<span class="ntok">{len(s)} tok</span><div class="text">{text_html}</div></div>')
     warns = "".join(f'<p class="note">warning: {_e(w)}</p>' for w in getattr(trace, "warnings", []) or [])
-    return f'<h2>The trace</h2>{_legend()}<div class="steps">{"".join(rows)}</div>{warns}'
+    return f'<h2>{_e(heading)}</h2>{intro}{_legend()}<div class="steps">{"".join(rows)}</div>{warns}'
 
 
 def _score_cell(value: float | None, reason: str | None) -> str:
@@ -197,9 +208,73 @@ def _scores_section(rs: dict[str, StepSaliency], band_png: bytes) -> str:
                     f"<td>{_e(describe.band_definition(r))}</td></tr>")
     table = ("<table><tr><th>condition</th><th>Shallow Lock-in</th><th>Deep Decay</th><th>bands</th></tr>"
              + "".join(rows) + "</table>")
+    if len(rs) == 2:
+        table = _side_by_side(rs) + f'<p class="note">{_e(describe.band_definition(next(iter(rs.values()))))}.</p>'
     note = ('<p class="note">Higher is worse for both: Shallow Lock-in = mean local share over the shallow band; '
             "Deep Decay = mean summary recency over the deep band.</p>")
     return f"<h2>Band scores</h2>{table}{note}{_img(band_png, 'band scores', 'full')}"
+
+
+def _side_by_side(rs: dict[str, StepSaliency]) -> str:
+    """One table for two conditions: a row per score or share, a column per condition and the change."""
+    (n0, r0), (n1, r1) = rs.items()
+    rows = []
+    for row in describe.score_rows(r0, r1):
+        a, b, d = row.cells()
+        cls = "num" if row.change is not None else "na"
+        rows.append(f"<tr><th>{_e(row.name)}</th><td>{_e(row.layers)}</td><td class=\"num\">{_e(a)}</td>"
+                    f"<td class=\"num\">{_e(b)}</td><td class=\"{cls}\">{_e(d)}</td><td>{_e(row.what)}</td></tr>")
+    return (f"<table><tr><th>score</th><th>layers</th><th>{_e(n0)}</th><th>{_e(n1)}</th>"
+            f"<th>change</th><th>reading</th></tr>{''.join(rows)}</table>")
+
+
+def _measured_section(rs: dict[str, StepSaliency], trace) -> str:
+    """How a with-StepFlow result was measured, its resolved layers and what the edits did on this trace."""
+    parts = []
+    for name, r in rs.items():
+        if not (r.meta or {}).get("stepflow"):
+            continue
+        parts.append(f"<h3>{_e(name)}</h3>" if len(rs) > 2 else "")
+        parts.append(f"<p>{_e(describe.measurement(trace, r))}</p>")
+        activity = r.meta.get("stepflow_activity")
+        if activity is not None:
+            resolved = describe.stepflow_of(r)
+            parts.append("<p><b>What the edits did on this trace</b> (one teacher-forced pass):</p><ul>"
+                         + "".join(f"<li>{_e(x)}</li>" for x in describe.activity_lines(activity, resolved))
+                         + "</ul>" + _edits_table(activity))
+    return "<h2>How this was measured</h2>" + "".join(parts) if parts else ""
+
+
+def _edits_table(stats: dict) -> str:
+    per_layer = {int(k): int(v) for k, v in (stats.get("oeb_edits_per_layer") or {}).items()}
+    if not per_layer:
+        return ""
+    head = "".join(f"<th>{k}</th>" for k in sorted(per_layer))
+    cells = "".join(f'<td class="num">{per_layer[k]:,}</td>' for k in sorted(per_layer))
+    return (f"<table><tr><th>OEB layer</th>{head}</tr><tr><th>edited head-queries</th>{cells}</tr></table>")
+
+
+def _difference_section(names: tuple[str, str], png: bytes, shifts: str | None) -> str:
+    note = (f"Each cell is the share of a query step's (row's) incoming saliency that comes from a key step "
+            f"(column), {names[1]} minus {names[0]}, in percentage points, on one diverging scale for all layers "
+            "(red: more, blue: less; each row sums to zero). The step maps above share a log scale spanning "
+            "decades, on which changes of a few points do not show; this map shows them.")
+    return (f"<h2>What changed: {_e(names[1])} &minus; {_e(names[0])}</h2><p class=\"note\">{_e(note)}</p>"
+            + (f"<p>{_e(shifts)}</p>" if shifts else "")
+            + _img(png, f"difference maps {names[1]} minus {names[0]}", "full"))
+
+
+def _generated_section(generated, trace) -> str:
+    """The trace generated with StepFlow on (--generate-with-stepflow), with what StepFlow did while writing it."""
+    stats = (generated.meta or {}).get("stepflow")
+    items = [describe.divergence(trace, generated)] if trace is not None else []
+    items += describe.activity_lines(stats)
+    intro = ("<p>Generated from the same prompt with the same sampling settings, StepFlow on. Its Step-Saliency is "
+             "not part of this report (its tokens differ, so maps would mix the trace and the condition); run "
+             "<code>stepscope diagnose --trace trace_stepflow.json --stepflow</code> for it.</p><ul>"
+             + "".join(f"<li>{_e(x)}</li>" for x in items) + "</ul>")
+    steps = [s for s in generated.steps if s.kind != "question"]  # the question is the one above
+    return _trace_section(steps, generated, heading="The trace generated with StepFlow", intro=intro)
 
 
 def _reading_section(rs: dict[str, StepSaliency]) -> str:
@@ -272,10 +347,13 @@ def _meta_section(rs: dict[str, StepSaliency]) -> str:
     for name, r in rs.items():
         m = r.meta or {}
         sf = m.get("stepflow")
+        resolved = describe.stepflow_of(r)
+        if resolved is not None:  # the layers used, not the "null = default band" of the stored settings
+            sf = {**sf, "oeb_layers": sorted(resolved.oeb_layers), "smi_layers": sorted(resolved.smi_layers)}
         bits = {
             "loss": f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "",
             "seconds": m.get("seconds", ""),
-            "StepFlow": json.dumps(sf, ensure_ascii=False) if sf else "off",
+            "StepFlow": (describe.stepflow_settings(r) + " " + json.dumps(sf, ensure_ascii=False)) if sf else "off",
         }
         rows.append(f"<tr><th>{_e(name)}</th>" + "".join(f"<td>{_e(v)}</td>" for v in bits.values()) + "</tr>")
     return ('<details><summary>Run details</summary><table><tr><th>condition</th><th>loss</th><th>seconds</th>'
@@ -283,45 +361,90 @@ def _meta_section(rs: dict[str, StepSaliency]) -> str:
 
 
 # -- the report ----------------------------------------------------------------------------------------------
-def _render_pngs(rs: dict[str, StepSaliency], out_dir: Path, kind: str) -> dict:
-    """Render every picture once: write the PNG files and keep the bytes for embedding."""
+def _diff_pair(rs: dict[str, StepSaliency]) -> tuple[str, str] | None:
+    """The two condition names a difference map is drawn for: exactly two results on the same steps."""
+    if len(rs) != 2:
+        return None
+    (n0, r0), (n1, r1) = rs.items()
+    same = [(s.kind, s.start, s.end) for s in r0.steps] == [(s.kind, s.start, s.end) for s in r1.steps]
+    return (n0, n1) if same and r0.num_layers == r1.num_layers else None
+
+
+def _render_pngs(rs: dict[str, StepSaliency], out_dir: Path, kind: str, formats=("png",),
+                 progress: bool = True) -> dict:
+    """Render every picture once: keep the PNG bytes for embedding, write each figure in ``formats``. The
+    per-layer slider maps take most of the time, so the bar counts them one by one."""
+    from ..progress import bar
+
+    pair = _diff_pair(rs)
+    total = sum(r.num_layers + 1 for r in rs.values()) + 2 + (pair is not None)
+    ticker = bar(total, "report", "figure", enabled=progress)
     norm = plots.map_norm(rs, None, kind)  # one scale for all layers of all conditions
     slugs: set[str] = set()
     grids: dict[str, bytes] = {}
     layer_pngs: dict[str, list[bytes]] = {}
-    for name, r in rs.items():
-        fig = plots.plot_layer_maps(r, kind=kind, norm=norm,
-                                    title=f"{name}: step maps ({kind})" if len(rs) > 1 else None)
-        grids[name] = plots.figure_png(fig)
-        fname = "layer_maps.png" if len(rs) == 1 else f"layer_maps_{_slug(name, slugs)}.png"
-        (out_dir / fname).write_bytes(grids[name])
-        layer_pngs[name] = plots.layer_map_pngs(r, norm, kind=kind, dpi=SLIDER_DPI)
-    curves = plots.figure_png(plots.plot_metric_curves(rs if len(rs) > 1 else next(iter(rs.values()))))
-    bands = plots.figure_png(plots.plot_band_scores(rs))
-    (out_dir / "metric_curves.png").write_bytes(curves)
-    (out_dir / "band_scores.png").write_bytes(bands)
-    return {"grids": grids, "layers": layer_pngs, "curves": curves, "bands": bands}
+    try:
+        for name, r in rs.items():
+            fig = plots.plot_layer_maps(r, kind=kind, norm=norm,
+                                        title=f"{name}: step maps ({kind})" if len(rs) > 1 else None)
+            grids[name] = plots.figure_png(fig)
+            stem = "layer_maps" if len(rs) == 1 else f"layer_maps_{_slug(name, slugs)}"
+            figures.save_formats(fig, out_dir / stem, formats, png=grids[name])
+            ticker.update(1)
+            layer_pngs[name] = plots.layer_map_pngs(r, norm, kind=kind, dpi=SLIDER_DPI,
+                                                    on_png=lambda layer: ticker.update(1))
+        curves_fig = plots.plot_metric_curves(rs if len(rs) > 1 else next(iter(rs.values())))
+        bands_fig = plots.plot_band_scores(rs)
+        curves, bands = plots.figure_png(curves_fig), plots.figure_png(bands_fig)
+        figures.save_formats(curves_fig, out_dir / "metric_curves", formats, png=curves)
+        ticker.update(1)
+        figures.save_formats(bands_fig, out_dir / "band_scores", formats, png=bands)
+        ticker.update(1)
+        diff = None
+        if pair is not None:
+            from .diffmap import plot_difference_maps
+
+            diff_fig = plot_difference_maps(rs[pair[0]], rs[pair[1]], names=pair)
+            diff = plots.figure_png(diff_fig)
+            figures.save_formats(diff_fig, out_dir / "difference_maps", formats, png=diff)
+            ticker.update(1)
+    finally:
+        ticker.close()
+    return {"grids": grids, "layers": layer_pngs, "curves": curves, "bands": bands, "diff": diff, "pair": pair}
 
 
 def write_report(results: Mapping[str, StepSaliency] | StepSaliency, trace=None, out_dir=".", *,
-                 title: str | None = None, kind: str = "mean") -> Path:
-    """Write ``out_dir/report.html`` (self-contained) and the PNGs next to it; return the HTML path.
+                 title: str | None = None, kind: str = "mean", formats=("png",), stepflow_trace=None,
+                 progress: bool = True) -> Path:
+    """Write ``out_dir/report.html`` (self-contained) and the figures next to it; return the HTML path.
 
     ``results``: name -> StepSaliency, e.g. ``{"baseline": r0, "StepFlow": r1}`` (results of the same trace); with
     two, the report also compares them. ``trace``: the ``Trace`` they were computed on (for the question and
-    warnings; the step texts come from the results). ``kind``: ``"mean"`` or ``"sum"`` maps.
+    warnings; the step texts come from the results). ``kind``: ``"mean"`` or ``"sum"`` maps. ``formats``: the
+    files written per figure, any of ``"png"``, ``"pdf"``, ``"svg"`` (the HTML embeds PNGs either way).
+
+    With a result measured with StepFlow (``meta["stepflow"]``), the report says how it was measured and, when
+    ``meta["stepflow_activity"]`` holds StepFlow's statistics, what the edits did; two results on the same steps
+    also get a difference map. ``stepflow_trace``: a trace of the same prompt generated with StepFlow on, shown
+    with what StepFlow did while writing it. ``progress``: a progress bar on stderr while the figures render.
     """
     rs = _as_named(results)
+    formats = figures.parse_formats(formats)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = _render_pngs(rs, out_dir, kind)
+    pngs = _render_pngs(rs, out_dir, kind, formats, progress)
     first = next(iter(rs.values()))
+    pair = pngs["pair"]
+    shifts = describe.largest_shifts_text(rs[pair[0]], rs[pair[1]], pair) if pair else None
     css = _CSS % KIND_COLORS
     body = "\n".join([
         _header(rs, trace, title),
         _scores_section(rs, pngs["bands"]),
+        _measured_section(rs, trace),
         _reading_section(rs),
+        _difference_section(pair, pngs["diff"], shifts) if pair else "",
         _trace_section(first.steps, trace),
+        _generated_section(stepflow_trace, trace) if stepflow_trace is not None else "",
         _slider_section(rs, pngs["layers"]),
         "<h2>Shares per layer</h2>" + _img(pngs["curves"], "metric curves", "full"),
         _grid_section(pngs["grids"], len(rs) > 1),

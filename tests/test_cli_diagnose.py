@@ -1,0 +1,171 @@
+"""``stepscope diagnose`` / ``saliency`` with --trace files: bad files fail in one line, before the model loads."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from stepscope.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from stepscope.testing import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer("plain")
+    tiny_model("llama", tok, layers=2).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trace_dict(tokenizers):
+    from stepscope import Trace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace = Trace.from_text(tokenizers["plain"], "What is 2 plus 3?",
+                                "First we add 2 and 3. So the total is 5.\n\nFinal answer: 5")
+    return trace.to_dict()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from stepscope.cli import diagnose
+
+    def refuse(args):
+        raise AssertionError("the model was loaded before the bad trace was refused")
+
+    monkeypatch.setattr(diagnose, "load_model_from_args", refuse)
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize("command", ["diagnose", "saliency"])
+def test_a_json_array_as_trace_is_a_one_line_error_before_loading(tmp_path, capsys, trace_dict, no_model_load,
+                                                                  command):
+    bad = _write(tmp_path / "traces.json", [trace_dict, trace_dict])
+    assert main([command, "--trace", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not a stepscope trace: it holds a JSON array" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_unreadable_trace_files_fail_before_loading(tmp_path, capsys, trace_dict, no_model_load):
+    missing_key = _write(tmp_path / "cut.json", {k: v for k, v in trace_dict.items() if k != "token_ids"})
+    binary = tmp_path / "blob.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    for path, message in [(missing_key, "the field 'token_ids' is missing"), (binary, "is not a text file"),
+                          (tmp_path, "cannot read trace file")]:
+        assert main(["diagnose", "--trace", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_one_line_error(model_dir, tmp_path, capsys, trace_dict):
+    good = _write(tmp_path / "good.json", trace_dict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["saliency", "--model", str(model_dir), "--trace", str(good), "--out", str(tmp_path / "ok")]) == 0
+    assert list((tmp_path / "ok").glob("trace_0000/saliency_baseline*.npz"))
+    capsys.readouterr()
+    oov = dict(trace_dict, token_ids=list(trace_dict["token_ids"]))
+    oov["token_ids"][-1] = 50_000
+    bad = _write(tmp_path / "oov.json", oov)
+    assert main(["diagnose", "--model", str(model_dir), "--trace", str(bad), "--no-report",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "1 token id(s) outside the vocabulary" in err and "first 50000" in err and err.count("\n") == 1, err
+
+
+def test_a_binary_or_empty_question_input_fails_before_loading(tmp_path, capsys, no_model_load):
+    binary = tmp_path / "questions.jsonl"
+    binary.write_bytes(bytes(range(128, 256)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"question": "  "}) + "\n")
+    for path, message in [(binary, "is not UTF-8 text"), (empty, "the question is empty")]:
+        assert main(["diagnose", "--input", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+# -- diagnose --stepflow explains itself -------------------------------------------------------------------------
+def test_stepflow_diagnose_prints_one_block_with_how_it_was_measured(model_dir, tmp_path, capsys, trace_dict):
+    good = _write(tmp_path / "good.json", trace_dict)
+    out = tmp_path / "sf"
+    assert main(["diagnose", "--model", str(model_dir), "--trace", str(good), "--stepflow", "--tau-max", "0.9",
+                 "--no-report", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert sum(line.startswith("Shallow Lock-in") for line in lines) == 1  # one table, not the summary twice
+    assert sum(line.startswith("Step-Saliency:") for line in lines) == 1 and "-- baseline" not in text
+    assert ["baseline", "StepFlow", "change"] in [x.split() for x in lines]  # the table's header
+    flat = " ".join(text.split())
+    assert "How this was measured: the trace was not generated by stepscope" in flat
+    assert "teacher-forced on that same trace twice, without and with StepFlow's edits (OEB on layers 0" in flat
+    summary = json.loads((out / "summary.json").read_text())
+    sf = summary["StepFlow"]["stepflow"]
+    assert (sf["settings"]["oeb_layers"], sf["settings"]["smi_layers"]) == ([0], [1])  # resolved, not null
+    edits = sf["activity"]["oeb_edits_per_layer"]["0"]
+    assert edits > 0 and f"OEB edited {edits:,} head-queries" in flat
+    assert sf["activity"]["bridge_mass_after"] > sf["activity"]["bridge_mass_before"]
+    saved = json.loads((out / "saliency_stepflow.json").read_text())
+    assert saved["meta"]["stepflow_activity"] == sf["activity"]
+
+
+def test_generate_with_stepflow_cannot_take_a_trace(tmp_path, capsys, trace_dict, no_model_load):
+    good = _write(tmp_path / "good.json", trace_dict)
+    assert main(["diagnose", "--trace", str(good), "--generate-with-stepflow", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--generate-with-stepflow generates from a question and cannot take --trace" in err
+    assert err.count("\n") == 1
+
+
+def test_generate_with_stepflow_shows_and_saves_the_second_trace(model_dir, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert main(["diagnose", "--model", str(model_dir), "--question", "What is 2 plus 3?", "--max-new-tokens", "24",
+                 "--generate-with-stepflow", "--tau-max", "0.9", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    text = " ".join(captured.out.split())
+    assert "== trace 0 (generated without StepFlow)" in text and "== trace 0 generated with StepFlow" in text
+    assert "the trace was generated without StepFlow" in text
+    from stepscope import Trace
+
+    base, other = Trace.load(out / "trace.json"), Trace.load(out / "trace_stepflow.json")
+    assert "stepflow" in other.meta and "stepflow" not in base.meta
+    assert base.token_ids[: base.prompt_len] == other.token_ids[: other.prompt_len]
+    from stepscope.saliency.describe import divergence
+
+    assert " ".join(divergence(base, other).split()) in text
+    assert f"OEB edited {sum(other.meta['stepflow']['oeb_edits_per_layer'].values()):,} head-queries" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["StepFlow"]["generated_trace"]["path"] == "trace_stepflow.json"
+    doc = (out / "report.html").read_text(encoding="utf-8")
+    assert "The trace generated with StepFlow" in doc and "How this was measured" in doc
+    assert (out / "difference_maps.png").exists()
+    assert "report: " in captured.err and "figures (100%)" in captured.err  # progress while the report renders
+
+
+def test_warnings_are_shown_once_and_counted(model_dir, tmp_path, capsys, tokenizers):
+    from stepscope import Trace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace = Trace.from_text(tokenizers["plain"], "What is 2 plus 3?", "It is five and that is all<|im_end|>")
+    path = trace.save(tmp_path / "nosum.json")
+    assert "<|im_end|>" in trace.token_texts
+    assert main(["saliency", "--model", str(model_dir), "--trace", str(path), "--trace", str(path),
+                 "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("the response has no summary") == 1  # the first occurrence
+    assert "warning: 2 responses have no summary" in captured.err  # and the count at the end
+    assert "warning:" not in captured.out and "no summary:" not in captured.out
+    assert "<|im_end|>" not in captured.out and "It is five and that is all" in captured.out
+    assert "\r" not in captured.err  # stderr is not a terminal here: plain progress lines
+    assert "step-saliency: 2/2 layers (100%)" in captured.err
