@@ -77,6 +77,9 @@ def test_stops_at_eos_and_records_why(tokenizers):
         (dict(prompts="q", temperature=-1), "temperature"),
         (dict(prompts="q", top_p=0), "top_p"),
         (dict(prompts="q" * 4000), "does not fit the model's context"),
+        (dict(prompts="q", cache_implementation="paged"), "cache_implementation"),
+        (dict(prompts="q", cache_implementation="dynamic", compile=True), "needs cache_implementation='static'"),
+        (dict(prompts="q", compile="fastest"), "compile must be"),
     ],
 )
 def test_bad_input_is_a_clear_error(tokenizers, kwargs, match):
@@ -90,3 +93,34 @@ def test_unknown_keyword_is_rejected(tokenizers):
     tok = tokenizers["plain"]
     with pytest.raises(TypeError):
         stepscope.generate(tiny_model("llama", tok), tok, "q", do_sample=True)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral"])
+def test_static_cache_gives_the_dynamic_cache_tokens(tokenizers, family):
+    """A preallocated cache (sliding-window layers outgrown: windows of 5-6 tokens) changes nothing, with StepFlow
+    on or off; batched rows still equal rows generated alone."""
+    tok = tokenizers["think"]
+    model = tiny_model(family, tok, layers=4)
+    strong = stepscope.StepFlowConfig(tau_max=0.6, alpha=1.5)
+    for cfg in (None, strong):
+        kw = {"max_new_tokens": 24, "batch_size": 3, "progress": False, "stepflow": cfg}
+        dyn = stepscope.generate(model, tok, QUESTIONS, **kw)
+        sta = stepscope.generate(model, tok, QUESTIONS, cache_implementation="static", **kw)
+        assert [t.token_ids for t in sta] == [t.token_ids for t in dyn]
+        assert sta[0].meta["decoding"] == {"cache": "static", "compile": None} and "decoding" not in dyn[0].meta
+        if cfg is not None:
+            for a, b in zip(sta, dyn):
+                assert a.meta["stepflow"]["oeb_edits_per_layer"] == b.meta["stepflow"]["oeb_edits_per_layer"]
+            assert sum(t.meta["stepflow"]["oeb_edits_per_layer"][0] for t in sta) > 0  # StepFlow did edit
+    alone = stepscope.generate(model, tok, QUESTIONS[1], max_new_tokens=24, progress=False, stepflow=strong,
+                               cache_implementation="static")[0]
+    assert alone.token_ids == sta[1].token_ids
+
+
+def test_static_cache_zero_strength_is_plain(tokenizers):
+    tok = tokenizers["think"]
+    model = tiny_model("gpt_oss", tok, layers=4)
+    plain = stepscope.generate(model, tok, QUESTIONS, max_new_tokens=24, batch_size=3, progress=False)
+    zero = stepscope.generate(model, tok, QUESTIONS, max_new_tokens=24, batch_size=3, progress=False,
+                              cache_implementation="static", stepflow=stepscope.StepFlowConfig(tau_max=0, alpha=0))
+    assert [t.token_ids for t in zero] == [t.token_ids for t in plain]

@@ -9,7 +9,7 @@ import torch
 import stepscope
 from stepscope import StepFlowConfig, Trace
 from stepscope.attention import install
-from stepscope.generation import cache_kwarg, new_cache
+from stepscope.generation import cache_kwarg, new_cache, new_static_cache
 from stepscope.stepflow.fullpass import teacher_forced_logits
 from stepscope.testing import FAMILIES, tiny_model
 
@@ -69,7 +69,7 @@ def test_zero_strength_and_disabled_are_identical(tokenizers, family):
     assert torch.equal(plain, zero)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral"])
 @pytest.mark.parametrize("window", [None, 2])
 def test_smi_adds_exactly_alpha_times_step_mean_at_step_starts(tokenizers, traces, family, window):
     tok = tokenizers["think"]
@@ -94,7 +94,7 @@ def test_smi_adds_exactly_alpha_times_step_mean_at_step_starts(tokenizers, trace
             toks = list(range(prev.start + shift, prev.end + shift))
             if window is not None:
                 toks = toks[-window:]
-            if family == "gpt_oss" and model.config.layer_types[last] == "sliding_attention":
+            if family == "mistral" or (family == "gpt_oss" and model.config.layer_types[last] == "sliding_attention"):
                 toks = [k for k in toks if k > pos - model.config.sliding_window]
             m = v[:, toks].mean(1).repeat_interleave(H // v.shape[0], dim=0)  # (H, D)
             torch.testing.assert_close(diff[pos], 0.7 * m, rtol=1e-9, atol=1e-12)
@@ -112,15 +112,16 @@ def test_only_band_layers_change(tokenizers, traces):
     assert not torch.equal(on.out[0], off.out[0])
 
 
-def _decode_logits(model, tok, traces, cfg):
-    """Teacher-forced *decoding* (KV cache, one token per step, left-padded batch) under stepscope.enabled."""
+def _decode_logits(model, tok, traces, cfg, static=False):
+    """Teacher-forced *decoding* (KV cache, one token per step, left-padded batch) under stepscope.enabled;
+    ``static``: a preallocated cache longer than the sequences (its empty slots must read as ``other``)."""
     from stepscope.generation import left_pad, positions
 
     P = max(t.prompt_len for t in traces)
     prompts = [t.token_ids[: t.prompt_len] for t in traces]
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     steps = max(len(t) - t.prompt_len for t in traces)
-    cache = new_cache(model)
+    cache = new_static_cache(model, ids.shape[1] + steps + 7) if static else new_cache(model)
     kw = {cache_kwarg(model): cache, "use_cache": True}
     outs = []
     with stepscope.enabled(model, tok, cfg), torch.no_grad():
@@ -136,13 +137,14 @@ def _decode_logits(model, tok, traces, cfg):
     return torch.stack(outs, 1), P
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decode_form_equals_full_pass_form(tokenizers, family):
+@pytest.mark.parametrize("family", [*FAMILIES, "mistral"])
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_form_equals_full_pass_form(tokenizers, family, static):
     tok = tokenizers["think"]
     model = tiny_model(family, tok, layers=4)
     # same prompt length, different step boundaries per row
     ts = [Trace.from_text(tok, "What is (2+3)*2?", r) for r in RESPONSES]
-    dec, P = _decode_logits(model, tok, ts, STRONG)
+    dec, _ = _decode_logits(model, tok, ts, STRONG, static)
     full = teacher_forced_logits(model, tok, ts, STRONG)
     plain = teacher_forced_logits(model, tok, ts)
     width = full.shape[1]
@@ -154,6 +156,45 @@ def test_decode_form_equals_full_pass_form(tokenizers, family):
         assert not torch.allclose(f, plain[b, shift + t.prompt_len - 1 : shift + len(t) - 1])  # it did something
         single = teacher_forced_logits(model, tok, [t], STRONG)[0, t.prompt_len - 1 : len(t) - 1]
         torch.testing.assert_close(single, f, rtol=1e-9, atol=1e-9)  # batched row == alone
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("static", [False, True])
+def test_decoding_without_stepflow_prefill_starts_smi_sums_from_the_keys(tokenizers, family, static):
+    """StepFlow switched on after a plain prefill (a cached prompt): the first decoding step finds no running sums,
+    averages by a pass over the keys and starts the sums there; logits still equal the full pass."""
+    from stepscope.generation import left_pad, positions
+    from stepscope.labels import RowLabeler
+    from stepscope.profiles import get_profile
+    from stepscope.stepflow.handle import stepflow_session
+
+    tok = tokenizers["think"]
+    model = tiny_model(family, tok, layers=4)
+    ts = [Trace.from_text(tok, "What is (2+3)*2?", r) for r in RESPONSES]
+    prompts = [t.token_ids[: t.prompt_len] for t in ts]
+    ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    steps = max(len(t.response_ids) for t in ts)
+    cache = new_static_cache(model, ids.shape[1] + steps + 3) if static else new_cache(model)
+    kw = {cache_kwarg(model): cache, "use_cache": True}
+    labeler = RowLabeler(tok, get_profile(None, tok), prompts, "cpu")
+    with torch.no_grad():
+        pos = positions(mask)
+        outs = [model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -1]]  # plain
+    with stepflow_session(model, tok, STRONG, labeler), torch.no_grad():
+        for j in range(steps - 1):
+            toks = [t.response_ids[j] if j < len(t.response_ids) else None for t in ts]
+            labeler.push(toks)
+            col = torch.tensor([[tok.pad_token_id if x is None else x] for x in toks])
+            mask = torch.cat([mask, torch.ones(len(ts), 1, dtype=mask.dtype)], 1)
+            pos = pos[:, -1:] + 1
+            outs.append(model(input_ids=col, attention_mask=mask, position_ids=pos, **kw).logits[:, -1])
+    dec = torch.stack(outs, 1)
+    full = teacher_forced_logits(model, tok, ts, STRONG)
+    width = full.shape[1]
+    for b, t in enumerate(ts):
+        n, shift = len(t.response_ids), width - len(t)
+        torch.testing.assert_close(dec[b, :n], full[b, shift + t.prompt_len - 1 : shift + len(t) - 1],
+                                   rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -168,15 +209,36 @@ def test_batched_generation_with_stepflow_equals_single(tokenizers, family):
         assert alone.meta["stepflow"]["oeb_edits_per_layer"] == t.meta["stepflow"]["oeb_edits_per_layer"]
 
 
-def test_transformers_generate_inside_enabled(tokenizers):
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_transformers_generate_inside_enabled(tokenizers, cache):
     tok = tokenizers["think"]
     model = tiny_model("qwen2", tok, layers=4)
     ours = stepscope.generate(model, tok, "What is 2+3?", max_new_tokens=25, progress=False, stepflow=STRONG)[0]
     prompt = torch.tensor([ours.token_ids[: ours.prompt_len]])
     with stepscope.enabled(model, tok, STRONG):
         hf = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=25, do_sample=False,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, cache_implementation=cache)
     assert hf[0].tolist()[: len(ours)] == ours.token_ids
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mistral"])
+def test_transformers_generate_static_cache_left_padded_batch(tokenizers, family):
+    """model.generate with a static cache hands StepFlow prepared 4D masks, no 2D one: the padding is read from
+    the position ids. Sliding-window layers (window 5-6) are outgrown, so the cache rolls."""
+    tok = tokenizers["think"]
+    model = tiny_model(family, tok, layers=4)
+    qs = ["What is 2+3?", "The farmer has 12 sheep and buys 7 more. How many sheep now?"]
+    ours = stepscope.generate(model, tok, qs, max_new_tokens=20, progress=False, stepflow=STRONG, batch_size=2)
+    from stepscope.generation import left_pad
+
+    ids, mask = left_pad([t.token_ids[: t.prompt_len] for t in ours], tok.pad_token_id, "cpu")
+    with stepscope.enabled(model, tok, STRONG) as handle:
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, cache_implementation="static",
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert handle.labels.capacity >= ids.shape[1] + 19  # sized to the cache up front
+    for b, t in enumerate(ours):
+        got = hf[b, ids.shape[1] - t.prompt_len :].tolist()
+        assert got[: len(t)] == t.token_ids
 
 
 def _snapshot(model):

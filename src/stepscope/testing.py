@@ -77,7 +77,7 @@ def tiny_tokenizer(profile: str = "plain", vocab_size: int = 400):
 
 
 def tiny_config(family: str, vocab_size: int, layers: int = 2):
-    """Config of a tiny model of ``family``: llama, qwen2, qwen3 or gpt_oss."""
+    """Config of a tiny model of ``family``: llama, qwen2, qwen3, gpt_oss or mistral."""
     common = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
@@ -105,6 +105,10 @@ def tiny_config(family: str, vocab_size: int, layers: int = 2):
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
         return cfg
+    if family == "mistral":  # every layer a sliding window (short, so that tests outgrow it)
+        from transformers import MistralConfig
+
+        return MistralConfig(**common, sliding_window=5)
     raise ValueError(f"unknown tiny family {family!r}")
 
 

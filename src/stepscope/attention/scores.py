@@ -45,10 +45,14 @@ def key_range(call: AttentionCall, q0: int, q1: int, q_offset: int) -> tuple[int
     return k0, k1
 
 
-def logits_block(call: AttentionCall, b, q0: int, q1: int, k0: int, k1: int, q_offset: int) -> torch.Tensor:
+def logits_block(call: AttentionCall, b, q0: int, q1: int, k0: int, k1: int, q_offset: int,
+                 fused: bool = False) -> torch.Tensor:
     """Masked attention logits of batch row ``b`` (H, c, k), or of rows ``b`` (a slice) (n, H, c, k).
 
-    Query index ``i`` sits at absolute position ``q_offset + i``; disallowed keys get -inf.
+    Query index ``i`` sits at absolute position ``q_offset + i``; disallowed keys get -inf. ``fused``: write the
+    product as a broadcast multiply and sum, which a compiler turns into one pass over the keys in their own
+    dtype (no float32 copy of the cache); only for compiled code with few query rows, as eager code would
+    materialise it.
     """
     rows = b if isinstance(b, slice) else slice(b, b + 1)
     q = compute_dtype(call.query[rows, :, q0:q1])  # (n, H, c, D)
@@ -56,7 +60,9 @@ def logits_block(call: AttentionCall, b, q0: int, q1: int, k0: int, k1: int, q_o
     n, H, c, D = q.shape
     n_kv = k.shape[1]
     q = q * call.scaling  # scaling the (smaller) queries saves a pass over the logits
-    logits = (q.reshape(n, n_kv, (H // n_kv) * c, D) @ k.transpose(-1, -2)).reshape(n, H, c, k.shape[2])
+    q = q.reshape(n, n_kv, (H // n_kv) * c, D)
+    raw = (q[:, :, :, None] * k[:, :, None]).sum(-1) if fused else q @ k.transpose(-1, -2)
+    logits = raw.reshape(n, H, c, k.shape[2])
     cap = call.softcap
     if cap:
         logits = torch.tanh(logits / cap) * cap

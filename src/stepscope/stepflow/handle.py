@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention.dispatch import AttentionCall, InstallHandle, install
-from ..attention.scores import compute_dtype, log_normaliser, logits_block, sliding_window_of
+from ..attention.scores import (
+    compute_dtype,
+    log_normaliser,
+    logits_block,
+    sliding_window_of,
+)
 from ..errors import StepscopeError
-from ..labels import BatchLabels, RowLabeler
+from ..labels import THINKING, BatchLabels, RowLabeler, mark_static
 from ..profiles import get_profile
 from .config import ResolvedStepFlow, StepFlowConfig
 from .oeb import groups, odds_equal_bridge
@@ -33,9 +38,11 @@ class StepFlowStats:
     smi_layer_calls: torch.Tensor  # (B,) injections x layers
 
     @classmethod
-    def zeros(cls, batch: int, layers: int, device) -> "StepFlowStats":
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(batch, layers), z(batch, layers), z(batch), z(batch), z(batch), z(batch), z(batch))
+    def zeros(cls, batch: int, layers: int, device) -> StepFlowStats:
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
+        out = cls(z(batch, layers), z(batch, layers), z(batch), z(batch), z(batch), z(batch), z(batch))
+        mark_static(*vars(out).values())
+        return out
 
     def rows(self, resolved: ResolvedStepFlow) -> list[dict]:
         edits, seen = self.oeb_edits.cpu(), self.oeb_queries.cpu()
@@ -56,14 +63,30 @@ class StepFlowStats:
 
 @dataclass(frozen=True)
 class _Views:
-    k_seg: torch.Tensor
-    k_step: torch.Tensor
+    """Labels of one attention call's queries and keys (shared by every layer of a forward call)."""
+
+    q_pos: torch.Tensor  # (Tq,) absolute positions of the queries
+    k_pos: torch.Tensor  # (Tk,) absolute positions of the key slots
+    q_seg: torch.Tensor  # (B, Tq)
+    q_step: torch.Tensor  # (B, Tq)
+    k_seg: torch.Tensor  # (B, Tk)
+    k_step: torch.Tensor  # (B, Tk)
     fire: torch.Tensor  # (B, Tq) index of the thinking step that just ended, -1 where SMI does not fire
-    any_fire: bool
     bridge: torch.Tensor
     current: torch.Tensor
     editable: torch.Tensor
-    any_editable: bool
+
+
+@dataclass
+class _Running:
+    """SMI running sums: per full-attention layer, the value sum of the thinking step being written; shared by
+    those layers (they see the same tokens), its index (-1 before the first thinking token) and token count. At a
+    step boundary the finished step's mean is ``total / count``, read in O(1) instead of a pass over the keys."""
+
+    total: dict  # layer -> (B, H_kv, D), compute dtype
+    count: torch.Tensor  # (B,) float
+    step: torch.Tensor  # (B,) long
+    layers: list  # the layers that keep sums, in call order; the last one advances count and step
 
 
 @dataclass
@@ -81,8 +104,9 @@ class StepFlowHandle:
     _install: InstallHandle | None = None
     _hook: object = None
     _removed: bool = field(default=False)
-    _cache_key: tuple | None = None
-    _cache: object = None
+    _memo_key: tuple | None = None
+    _memo: dict = field(default_factory=dict)
+    _running: _Running | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -105,95 +129,139 @@ class StepFlowHandle:
 
     def bind(self, labeler: RowLabeler) -> None:
         """Use labels a caller maintains (our own generation loop pushes tokens itself)."""
-        self.labeler, self.labels, self._auto = labeler, labeler.labels, False
-        self.stats = StepFlowStats.zeros(len(labeler.prompts), self.resolved.num_layers, _device(self.model))
+        self._reset(labeler, labeler.labels)
+        self._auto = False
 
     def bind_labels(self, labels: BatchLabels) -> None:
         """Fixed labels for a teacher-forced pass over finished sequences."""
-        self.labeler, self.labels, self._auto = None, labels, False
-        self.stats = StepFlowStats.zeros(labels.segment.shape[0], self.resolved.num_layers, _device(self.model))
+        self._reset(None, labels)
+        self._auto = False
+
+    def _reset(self, labeler, labels) -> None:
+        self.labeler, self.labels = labeler, labels
+        self.stats = StepFlowStats.zeros(labels.segment.shape[0], self.resolved.num_layers, labels.table.device)
+        self._memo_key, self._memo, self._running = None, {}, None
 
     def row_stats(self) -> list[dict]:
         return [] if self.stats is None else self.stats.rows(self.resolved)
 
     # -- the forward pre-hook (auto mode: plain model.generate / model(...) calls) ----------------------------
     def _pre_forward(self, module, args, kwargs):
-        if not self._auto:
-            return None
+        if self._auto:
+            self._track(args, kwargs)
+
+    @torch.compiler.disable  # host work on decoded text; a compiled forward runs it eagerly, before its graph
+    def _track(self, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise StepscopeError("StepFlow needs input_ids to track reasoning steps (inputs_embeds alone is not "
                                  "supported)")
-        mask = kwargs.get("attention_mask")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if past == 0 or self.labeler is None:
-            rows = []
-            for b in range(ids.shape[0]):
-                row = ids[b] if mask is None else ids[b][mask[b, -ids.shape[1]:].bool()]
-                rows.append(row.tolist())
-            self.labeler = RowLabeler(self.tokenizer, get_profile(None, self.tokenizer), rows, ids.device,
-                                      sink_tokens=self.config.sink_tokens)
-            self.labels = self.labeler.labels
-            self.stats = StepFlowStats.zeros(ids.shape[0], self.resolved.num_layers, ids.device)
+        if int(past) == 0 or self.labeler is None:
+            real = _real_tokens(ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+            rows = [ids[b][real[b]].tolist() for b in range(ids.shape[0])]
+            # a static cache hands attention all its slots: size the labels to it up front
+            labeler = RowLabeler(self.tokenizer, get_profile(None, self.tokenizer), rows, ids.device,
+                                 capacity=_cache_capacity(cache), sink_tokens=self.config.sink_tokens)
+            self._reset(labeler, labeler.labels)
         else:
             if ids.shape[1] != 1:
                 raise StepscopeError("StepFlow tracks one new token per decoding step; multi-token decoding "
                                      "(assisted/speculative generation) is not supported")
             self.labeler.push([int(t) for t in ids[:, 0].tolist()])
-        return None
 
     # -- the attention handler -----------------------------------------------------------------------------
-    def _views(self, Tq: int, Tk: int) -> "_Views":
-        """Label views of the current forward call, computed once and shared by every layer of that call."""
-        key = (id(self.labels), self.labels.length, Tq, Tk)
-        if self._cache_key != key:
-            (q_seg, _, q_fire, q_fsum), (k_seg, k_step) = self.labels.window(Tq, Tk)
-            fire = torch.where(q_fire >= 0, q_fire, q_fsum) if self.config.smi_at_summary else q_fire
-            bridge, current, editable = groups(q_seg, k_seg)
-            self._cache = _Views(k_seg, k_step, fire, bool((fire >= 0).any()), bridge, current, editable,
-                                 bool(editable.any()))
-            self._cache_key = key
-        return self._cache
+    def _views(self, Tq: int, Tk: int) -> _Views:
+        """Label views of the current call. Eager calls share them across the layers of one forward call; a
+        compiled step rebuilds them per layer from tensors alone (the compiler merges the repeats)."""
+        if torch.compiler.is_compiling():
+            return self._build_views(Tq, Tk)
+        key = (id(self.labels), self.labels.length)
+        if self._memo_key != key:
+            self._memo_key, self._memo = key, {}
+        if (Tq, Tk) not in self._memo:  # sliding-window and full layers see different key spans
+            self._memo[(Tq, Tk)] = self._build_views(Tq, Tk)
+        return self._memo[(Tq, Tk)]
+
+    def _build_views(self, Tq: int, Tk: int) -> _Views:
+        q_pos, k_pos = self.labels.positions(Tq, Tk)
+        q_seg, q_step, q_fire, q_fsum = self.labels.columns(q_pos).unbind(0)
+        k_seg, k_step = self.labels.columns(k_pos)[:2].unbind(0)
+        fire = torch.where(q_fire >= 0, q_fire, q_fsum) if self.config.smi_at_summary else q_fire
+        bridge, current, editable = groups(q_seg, k_seg)
+        return _Views(q_pos, k_pos, q_seg, q_step, k_seg, k_step, fire, bridge, current, editable)
+
+    def _check(self, B: int, Tq: int, Tk: int) -> None:
+        labels = self.labels
+        if labels.segment.shape[0] != B:
+            raise StepscopeError(f"StepFlow labels cover {labels.segment.shape[0]} rows but the model attends with "
+                                 f"{B} rows; call generate() through stepscope or bind labels")
+        if torch.compiler.is_compiling():  # shapes only: the length lives on the device
+            if labels.capacity < Tk:
+                raise StepscopeError(f"StepFlow labels hold {labels.capacity} positions but the cache hands "
+                                     f"attention {Tk} keys; size the labels to the cache before compiling")
+            return
+        if labels.length < Tq:
+            raise StepscopeError(f"StepFlow labels cover {labels.length} positions but the model attends with "
+                                 f"{Tq} new queries; call generate() through stepscope or bind labels")
+        labels.ensure(max(labels.length, Tk))  # a static cache's slots past the length read as OTHER
 
     def __call__(self, call: AttentionCall, proceed):
         layer = call.layer_idx
-        in_oeb, in_smi = layer in self.resolved.oeb_layers, layer in self.resolved.smi_layers
+        in_oeb = layer in self.resolved.oeb_layers and self.config.tau_max > 0
+        in_smi = layer in self.resolved.smi_layers and self.config.alpha > 0
         if self.labels is None or not (in_oeb or in_smi):
             return proceed(call)
-        B, H, Tq, _ = call.query.shape
+        B, _, Tq, _ = call.query.shape
         Tk = call.key.shape[2]
-        if self.labels.segment.shape[0] != B or self.labels.length < Tk:
-            raise StepscopeError(
-                f"StepFlow labels cover {self.labels.segment.shape[0]} rows x {self.labels.length} positions but the "
-                f"model attends with {B} rows x {Tk} keys; call generate() through stepscope or bind labels"
-            )
+        self._check(B, Tq, Tk)
         v = self._views(Tq, Tk)
         out, weights = proceed(call)
-        if in_oeb and self.config.tau_max > 0 and v.any_editable:
+        # A one-token step runs the edits unconditionally (masked by where()): testing "is anything editable"
+        # would read a tensor back to the host, a synchronisation per layer and a graph break when compiled.
+        # Multi-token calls (prefill, teacher-forced passes) run eagerly, where skipping the prompt pays.
+        eager_many = Tq > 1 and not torch.compiler.is_compiling()
+        if in_oeb and not (eager_many and not bool(v.editable.any())):
             out, weights = self._oeb(call, out, weights, v)
-        if in_smi and self.config.alpha > 0 and v.any_fire:
-            out = self._smi(call, out, v.fire, v.k_seg, v.k_step)
+        if in_smi and Tq == 1:
+            out = self._smi_one(call, out, v)
+        elif in_smi:
+            if self.labeler is not None and self._uses_running_sums(call) and not torch.compiler.is_compiling():
+                self._rebuild_running(call, v, upto=v.q_pos[-1] + 1)  # decoding steps follow
+            if not (eager_many and not bool((v.fire >= 0).any())):
+                out = self._smi(call, out, v.fire, v.k_seg, v.k_step)
         return out, weights
 
-    def _oeb(self, call, base_out, base_weights, views: "_Views"):
+    def _query_offset(self, Tq: int, Tk: int) -> int:
+        """Key slot of the first query, for rebuilding a mask the kernel applied implicitly (no 4D mask)."""
+        if torch.compiler.is_compiling():
+            # compiled static-cache steps always carry a 4D mask; without one a single query sees every key
+            return Tk - Tq
+        L = self.labels.length
+        return L - Tq - max(L - Tk, 0)
+
+    def _oeb(self, call, base_out, base_weights, views: _Views):
         bridge, current, editable = views.bridge, views.current, views.editable
         Tq, Tk = call.query.shape[2], call.key.shape[2]
-        q_offset = Tk - Tq
+        q_offset = self._query_offset(Tq, Tk)
         layer = call.layer_idx
         outs, weights = [], []
         chunk = max(1, int(2**27 // max(1, call.query.shape[0] * call.query.shape[1] * Tk * 4)))
         v = compute_dtype(call.value)
+        fused = Tq == 1 and torch.compiler.is_compiling()  # one pass over keys and values in the cache's dtype
         for q0 in range(0, Tq, chunk):
             q1 = min(Tq, q0 + chunk)
-            logits = logits_block(call, slice(None), q0, q1, 0, Tk, q_offset)  # (B, H, c, Tk)
+            logits = logits_block(call, slice(None), q0, q1, 0, Tk, q_offset, fused)  # (B, H, c, Tk)
             log_norm = log_normaliser(call, logits)
             res = odds_equal_bridge(logits, log_norm, bridge[:, :, q0:q1], current[:, :, q0:q1],
                                     editable[:, :, q0:q1], self.config.tau_max, self.config.eps)
             self._record_oeb(layer, res, editable[:, :, q0:q1])
             # No test of "was anything edited" here: reading it back would stall a GPU once per layer and token.
             # Rows that were not edited keep the model's own output (and weights) bit for bit through where().
-            ours = ungroup_batched(group_batched(res.probs, v.shape[1]) @ v, call.query.shape[1])  # (B,H,c,D)
+            p = group_batched(res.probs, v.shape[1])  # (B, H_kv, n_rep * c, Tk)
+            pv = (p[..., None] * v[:, :, None]).sum(-2) if fused else p @ v
+            ours = ungroup_batched(pv, call.query.shape[1])  # (B, H, c, D)
             keep = res.edited[..., None]
             base = base_out[:, q0:q1].transpose(1, 2)
             outs.append(torch.where(keep, ours.to(base.dtype), base).transpose(1, 2))
@@ -215,13 +283,102 @@ class StepFlowHandle:
         st.bridge_before += (res.bridge_before * ed).sum(dim=(1, 2)).to(st.bridge_before.dtype)
         st.bridge_after += (res.bridge_after * ed).sum(dim=(1, 2)).to(st.bridge_after.dtype)
 
+    # -- SMI ------------------------------------------------------------------------------------------------
+    def _uses_running_sums(self, call) -> bool:
+        """Full-attention layers averaging the whole step: a window (the layer's or ``smi_window``) hides older
+        tokens, which a running sum cannot forget, so those layers average the visible keys instead."""
+        return sliding_window_of(call) is None and self.config.smi_window is None
+
+    def _smi_one(self, call, out, v: _Views):
+        """One decoding token: tensor operations only (no host reads, no data-dependent shapes)."""
+        layer = call.layer_idx
+        fire = v.fire[:, 0]  # (B,)
+        compiling = torch.compiler.is_compiling()
+        run = self._running
+        summed = self._uses_running_sums(call)
+        if summed and (run is None or layer not in run.total):
+            # decoding began without a multi-token call (a one-token prompt): average by a pass over the keys
+            # this time, and start the sums from the keys, this token included
+            if compiling:
+                raise StepscopeError("StepFlow's SMI sums start in an eager call: run the prefill uncompiled")
+            out = self._inject(call, out, fire, self._scan_means(call, v, fire))
+            self._rebuild_running(call, v, upto=v.q_pos[0] + 1)
+            return out
+        # Eager decoding may skip the injection when the host's labels say no row starts a step (no device read);
+        # a compiled step always runs it, masked.
+        if compiling or self.labeler is None or self.labeler.fired(self.config.smi_at_summary):
+            if summed:
+                scale = torch.where(run.step == fire, 1.0 / run.count.clamp_min(1), 0.0)  # empty step: 0
+                m = run.total[layer] * scale.to(run.total[layer].dtype)[:, None, None]
+            else:
+                m = self._scan_means(call, v, fire)
+            out = self._inject(call, out, fire, m)
+        if summed:
+            self._advance_running(call, run, v)
+        return out
+
+    def _scan_means(self, call, v: _Views, fire):
+        """Step means of every row by a pass over the call's keys (sliding-window layers, ``smi_window``)."""
+        B = fire.shape[0]
+        rows = torch.arange(B, device=fire.device)
+        return step_means(compute_dtype(call.value), rows, torch.zeros_like(rows), fire, v.k_seg, v.k_step,
+                          v.k_pos, v.q_pos.expand(B), self.config.smi_window, sliding_window_of(call))
+
+    def _inject(self, call, out, fire, m):
+        """``out + alpha * m`` in the rows that fire (``m``: (B, H_kv, D) step means)."""
+        fires = fire >= 0
+        m = m.repeat_interleave(call.query.shape[1] // m.shape[1], dim=1)  # values after key/value-group expansion
+        delta = (self.config.alpha * m).to(out.dtype)  # (B, H, D)
+        out = torch.where(fires[:, None, None, None], out + delta[:, None], out)
+        if self.stats is not None:
+            st = self.stats
+            f = fires.to(st.smi_norm.dtype)
+            st.smi_norm += delta.flatten(1).norm(dim=-1).to(st.smi_norm.dtype) * f
+            st.smi_layer_calls += f
+            if call.layer_idx == min(self.resolved.smi_layers):
+                st.smi_count += f
+        return out
+
+    def _advance_running(self, call, run: _Running, v: _Views) -> None:
+        """Fold the current token's value into its step's sum, or start the sum of a new step; the last summing
+        layer of the call then advances the shared step index and count."""
+        slot = v.q_pos - v.k_pos[0]  # (1,) the query's own key slot
+        total = run.total[call.layer_idx]
+        cur = compute_dtype(call.value.index_select(2, slot)[:, :, 0])  # (B, H_kv, D)
+        step = v.q_step[:, 0]
+        think = v.q_seg[:, 0] == THINKING
+        keep = (~think | (step == run.step)).to(total.dtype)  # 0 where a new step starts
+        add = think.to(total.dtype)
+        total.mul_(keep[:, None, None]).add_(cur * add[:, None, None])
+        if call.layer_idx == run.layers[-1]:
+            run.count.mul_(keep).add_(add)
+            run.step.copy_(torch.where(think, step, run.step))
+
+    def _rebuild_running(self, call, v: _Views, upto) -> None:
+        """Running sums of the latest thinking step among key positions before ``upto`` (eager)."""
+        val = compute_dtype(call.value.detach())
+        think = (v.k_seg == THINKING) & (v.k_pos < upto)[None, :]
+        last = torch.where(think, v.k_step, -1).amax(-1)  # (B,)
+        sel = (think & (v.k_step == last[:, None])).to(val.dtype)
+        total = torch.einsum("bk,bhkd->bhd", sel, val)
+        run = self._running
+        if run is None:
+            run = self._running = _Running({}, sel.sum(-1), last, [])
+            mark_static(run.count, run.step)
+        else:  # every summing layer sees the same labels: the shared index and count are the same
+            run.count.copy_(sel.sum(-1))
+            run.step.copy_(last)
+        if call.layer_idx not in run.total:
+            run.layers.append(call.layer_idx)
+        run.total[call.layer_idx] = total
+        mark_static(total)
+
     def _smi(self, call, out, fire, k_seg, k_step):
+        """Several queries at once (prefill, teacher-forced passes), eagerly: inject where steps start."""
         Tq, Tk = call.query.shape[2], call.key.shape[2]
-        L = self.labels.length
+        q_pos, k_pos = self.labels.positions(Tq, Tk)
         rows, pos = torch.nonzero(fire >= 0, as_tuple=True)
-        k_pos = torch.arange(L - Tk, L, device=fire.device)
-        q_abs = (L - Tq) + pos
-        m = step_means(compute_dtype(call.value), rows, pos, fire[rows, pos], k_seg, k_step, k_pos, q_abs,
+        m = step_means(compute_dtype(call.value), rows, pos, fire[rows, pos], k_seg, k_step, k_pos, q_pos[pos],
                        self.config.smi_window, sliding_window_of(call))  # (n, H_kv, D)
         H = call.query.shape[1]
         m = m.repeat_interleave(H // m.shape[1], dim=1)  # values after key/value-group expansion
@@ -236,6 +393,29 @@ class StepFlowHandle:
             if call.layer_idx == min(self.resolved.smi_layers):
                 st.smi_count.index_add_(0, rows, torch.ones_like(norms))
         return out
+
+
+def _cache_capacity(cache) -> int:
+    """Positions a preallocated cache holds (0 for caches that grow)."""
+    try:
+        return max(int(cache.get_max_length()), 0)
+    except (AttributeError, TypeError, ValueError):  # no cache, or a dynamic cache with no layers yet
+        return 0
+
+
+def _real_tokens(ids: torch.Tensor, mask, position_ids) -> torch.Tensor:
+    """(B, T) bool: which prompt tokens are not left padding.
+
+    ``model.generate`` with a static cache passes prepared masks (a dict of 4D masks) instead of the 2D one;
+    then the position ids tell: a row's real tokens are its last ``position_ids[b, -1] + 1``.
+    """
+    T = ids.shape[1]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask[:, -T:].bool()
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        n = position_ids[:, -1:] + 1
+        return torch.arange(T, device=ids.device)[None, :] >= T - n
+    return torch.ones_like(ids, dtype=torch.bool)
 
 
 def group_batched(x: torch.Tensor, n_kv: int) -> torch.Tensor:
