@@ -18,16 +18,26 @@ stepscope eval --model default --dataset rg:basic_arithmetic "${ADD[@]}" --rg "o
 stepscope eval --model default --dataset gsm8k --data-dir "$DATA" --limit 300 --compare --max-new-tokens 256 \
   --batch-size 8 --no-progress --out runs/results/gsm8k
 
-# default model: correct vs wrong, and the mechanism check
-stepscope analyze --traces runs/results/addsub --condition baseline --mechanism --out runs/analysis/addsub
-stepscope analyze --traces runs/results/gsm8k --condition baseline --mechanism --limit 150 --out runs/analysis/gsm8k
+# default model: correct vs wrong within problems (8 samples per problem at temperature 0.7, one thread), with
+# the per-component mechanism check; the greedy runs above are analysed too (no pairing possible there)
+stepscope eval --model default --dataset rg:basic_arithmetic "${ADD[@]}" --rg "operators=+,-" --rg-size ${ADDSUB_N8:-40} \
+  --data-seed 0 --n 8 --temperature 0.7 --conditions baseline --max-new-tokens 160 --batch-size 8 --workers 1 \
+  --no-progress --out runs/results/addsub-n8
+stepscope analyze --traces runs/results/addsub-n8 --condition baseline --mechanism --mechanism-limit 60 --threads 1 \
+  --out runs/analysis/addsub-n8
+stepscope analyze --traces runs/results/addsub --condition baseline --threads 1 --out runs/analysis/addsub
 
 # the organism: build (cached), evaluate, analyse
 stepscope organism build
 ORG=(--model organism --dataset organism:medium --rg-size 300 --max-new-tokens 400 --batch-size 32 --no-progress)
 stepscope eval "${ORG[@]}" --data-seed 0 --conditions $FOUR --out runs/results/organism-medium
-stepscope analyze --model organism --traces runs/results/organism-medium --condition baseline --mechanism \
+stepscope analyze --model organism --traces runs/results/organism-medium --condition baseline --threads 1 \
   --out runs/analysis/organism-medium
+# the organism within problems: 8 samples per problem at temperature 0.7, all components and controls
+stepscope eval "${ORG[@]}" --data-seed 0 --n 8 --temperature 0.7 --conditions baseline --rg-size ${ORG_N8:-150} \
+  --out runs/results/organism-medium-n8
+stepscope analyze --model organism --traces runs/results/organism-medium-n8 --condition baseline --mechanism \
+  --mechanism-limit 200 --threads 1 --out runs/analysis/organism-medium-n8
 
 # the organism: StepFlow sweep on a tuning set (data seed 1), the best on fresh problems (data seed 2)
 sweep() { local name=$1 seed=$2; shift 2

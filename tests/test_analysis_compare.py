@@ -1,11 +1,17 @@
-"""Correct-vs-wrong comparison on hand-built saliency maps whose scores are known."""
+"""Correct-vs-wrong comparison and the mechanism check on hand-built saliency maps whose scores are known."""
+
+import itertools
 
 import numpy as np
 import pytest
 
 from stepscope import StepscopeError
-from stepscope.analysis import AnalysedTrace, compare_groups, mechanism_check
-from stepscope.analysis.compare import coarse_assignment, score_value
+from stepscope.analysis import AnalysedTrace, compare_groups
+from stepscope.analysis.compare import coarse_assignment
+from stepscope.analysis.measure import Measured
+from stepscope.analysis.mechanism import mechanism_check
+from stepscope.analysis.scores import SCORE_NAMES, score_values
+from stepscope.evaluation import stats
 from stepscope.saliency.result import StepSaliency, causal_counts
 from stepscope.trace import Step
 
@@ -30,39 +36,70 @@ def result(local: float, recency: float) -> StepSaliency:
 
 
 def test_scores_are_read_off_the_maps():
-    r = result(0.7, 0.4)
-    assert score_value(r, "local_share", "shallow") == pytest.approx(0.7)
-    assert r.shallow_lock_in == pytest.approx(0.7) and r.deep_decay == pytest.approx(0.4)
+    v = score_values(result(0.7, 0.4))
+    assert v["shallow_lock_in"] == pytest.approx(0.7) and v["deep_decay"] == pytest.approx(0.4)
     # question reach: T1 0.5, T2 0.3, T3 0.3 -> mean 11/30
-    assert score_value(r, "question_reach", "shallow") == pytest.approx((0.5 + 0.3 + 0.3) / 3)
+    assert v["shallow_question_reach"] == pytest.approx((0.5 + 0.3 + 0.3) / 3)
+    # net Lock-in: minus the uniform share of T_i and T_{i-1} (N = 6 + 9 of 12 + 9 + 6 for T2; 6 + 9 of 45 for T3)
+    null = np.mean([(6 + 9) / (12 + 9 + 6), (6 + 9) / (12 + 9 + 9 + 6)])
+    assert v["shallow_lock_in_net"] == pytest.approx(0.7 - null)
 
 
-def test_group_statistics_match_hand_computation():
+def _brute_two_sided(x, y):
+    z = np.array(x + y)
+    obs = abs(np.mean(x) - np.mean(y))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(z)), len(x)):
+        m = np.zeros(len(z), bool)
+        m[list(idx)] = True
+        hits += abs(z[m].mean() - z[~m].mean()) >= obs - 1e-12
+        total += 1
+    return hits / total
+
+
+def test_pooled_statistics_match_hand_computation():
     wrong = [AnalysedTrace(f"p{i}", 0, False, result(x, 0.5)) for i, x in enumerate([0.6, 0.7, 0.8])]
     right = [AnalysedTrace(f"q{i}", 0, True, result(x, 0.5)) for i, x in enumerate([0.1, 0.2])]
-    cmp = compare_groups(wrong + right, model="m", n_boot=200)
-    lock = next(s for s in cmp.scores if s.name == "shallow_lock_in")
+    cmp = compare_groups(wrong + right, model="m", n_boot=200, n_perm=199)
+    lock = cmp.score("shallow_lock_in")
     assert lock.wrong.estimate == pytest.approx(0.7) and lock.correct.estimate == pytest.approx(0.15)
-    # every wrong value exceeds every correct one: U = 3 * 2 = 6, rank-biserial 1, exact p = 2 / C(5, 2) = 0.2
-    assert lock.test.u == 6 and lock.test.rank_biserial == pytest.approx(1.0)
-    assert lock.test.p_value == pytest.approx(0.2)
-    assert lock.paired is None and lock.paired_problems == 0
+    t = lock.tests["pooled_raw"]
+    assert t.method.startswith("exact permutation") and t.estimate == pytest.approx(0.55)
+    assert t.p_value == pytest.approx(_brute_two_sided([0.6, 0.7, 0.8], [0.1, 0.2]))
+    assert t.effect["rank_biserial"] == pytest.approx(1.0)
+    assert not lock.tests["paired_raw"].available and "problem(s) with both" in lock.tests["paired_raw"].note
+    # every trace has the same lengths: no covariate varies, so the adjusted estimate is the raw difference
+    adj = lock.tests["pooled_adjusted"]
+    assert adj.estimate == pytest.approx(0.55) and "0 covariates" in adj.method
     band = cmp.curves["local_share"]["wrong"]
-    np.testing.assert_allclose(band.mean, 0.7)  # per-layer curve of the group mean
-    assert band.low.shape == (L,) and np.all(band.low <= band.mean + 1e-12)
-    assert cmp.n_correct == 2 and cmp.n_wrong == 3
+    np.testing.assert_allclose(band["mean"], 0.7)
+    assert cmp.n_correct == 2 and cmp.n_wrong == 3 and cmp.headline == "pooled_adjusted"
 
 
-def test_paired_version_uses_problems_with_both_outcomes():
+def _paired_traces():
     traces = []
     for i, (w, c) in enumerate([(0.9, 0.5), (0.8, 0.6), (0.7, 0.65), (0.6, 0.2)]):
         traces += [AnalysedTrace(f"p{i}", 0, False, result(w, 0.5)), AnalysedTrace(f"p{i}", 1, True, result(c, 0.5))]
     traces.append(AnalysedTrace("only-wrong", 0, False, result(0.99, 0.5)))
-    lock = next(s for s in compare_groups(traces, n_boot=100).scores if s.name == "shallow_lock_in")
-    assert lock.paired_problems == 4
-    assert lock.paired_diff == pytest.approx(np.mean([0.4, 0.2, 0.05, 0.4]))
-    # all four differences positive, no ties: exact Wilcoxon p = 2 / 2**4 = 0.125
-    assert lock.paired.p_value == pytest.approx(0.125)
+    return traces
+
+
+def test_paired_test_uses_problems_with_both_outcomes_and_holm_runs_per_column():
+    cmp = compare_groups(_paired_traces(), n_boot=100, n_perm=199)
+    lock = cmp.score("shallow_lock_in")
+    t = lock.tests["paired_raw"]
+    assert t.n == 4 and t.estimate == pytest.approx(np.mean([0.4, 0.2, 0.05, 0.4]))
+    assert t.p_value == pytest.approx(2 / 2**4)  # four positive differences: the exact two-sided minimum
+    assert cmp.pairing["problems_with_both_outcomes"] == 4 and cmp.pairing["problems_only_wrong"] == 1
+    # samples of one problem are pooled: the pooled test resamples problems
+    assert "clustered" in lock.tests["pooled_raw"].method
+    for col in ("paired_raw", "pooled_raw"):
+        ps = [s.tests[col].p_value for s in cmp.scores]
+        assert [s.tests[col].p_holm for s in cmp.scores] == pytest.approx(stats.holm(ps), nan_ok=True)
+    assert lock.tests["paired_raw"].p_holm >= t.p_value
+    # Deep Decay does not differ at all (0.5 everywhere): not detected, with the smallest detectable effect
+    decay = cmp.score("deep_decay")
+    assert decay.verdict.startswith("not detected") and "smallest detectable effect" in decay.verdict
 
 
 def test_all_correct_is_a_clear_message():
@@ -75,17 +112,28 @@ def test_coarse_bins_and_maps():
     r = result(0.5, 0.5)
     assert coarse_assignment(r).tolist() == [0, 1, 2, 3, 5]  # 3 thinking steps over 4 bins, summary last
     cmp = compare_groups([AnalysedTrace("a", 0, True, r), AnalysedTrace("b", 0, False, result(0.9, 0.1))],
-                         n_boot=50)
+                         n_boot=100, n_perm=99)
     m = cmp.coarse["correct"]["shallow"]
     assert m.shape == (6, 6) and np.isnan(m[4]).all()  # no thinking step falls in bin 4
     assert m[0, 0] == pytest.approx(1.0 / r.counts[0, 0])
 
 
-def test_mechanism_check_paired_changes():
-    before = [result(0.8, 0.6), result(0.7, 0.5), result(0.9, 0.7)]
-    after = [result(0.6, 0.5), result(0.6, 0.45), result(0.5, 0.4)]
-    m = mechanism_check(before, after)
-    lock = m.scores["shallow_lock_in"]
+def _measured(local, recency):
+    return Measured(result(local, recency), np.full((2, len(SCORE_NAMES)), np.nan), {})
+
+
+def test_mechanism_check_reports_effect_sizes_and_controls_without_p_values():
+    base = [_measured(0.8, 0.6), _measured(0.7, 0.5), _measured(0.9, 0.7)]
+    conds = {"oeb": [_measured(0.6, 0.6), _measured(0.6, 0.5), _measured(0.5, 0.7)],
+             "oeb_random": [_measured(0.78, 0.6), _measured(0.71, 0.5), _measured(0.88, 0.7)]}
+    m = mechanism_check(base, conds, ["a", "b", "c"], n_boot=200)
+    lock = m.components["oeb"]["scores"]["shallow_lock_in"]
     assert lock["before"] == pytest.approx(0.8) and lock["after"] == pytest.approx(17 / 30)
     assert lock["mean_change"] == pytest.approx(np.mean([-0.2, -0.1, -0.4]))
-    assert lock["wilcoxon_p"] == pytest.approx(0.25)  # 3 negative differences: exact p = 2 / 2**3
+    assert lock["share_in_direction"] == 1.0 and lock["standardised"] == pytest.approx(
+        np.mean([-0.2, -0.1, -0.4]) / np.std([-0.2, -0.1, -0.4], ddof=1))
+    assert m.components["oeb"]["scores"]["deep_decay"]["mean_change"] == pytest.approx(0.0)
+    ctl = m.controls["oeb_vs_oeb_random"]["shallow_lock_in"]
+    assert ctl["exceeds"] and ctl["control_change"] == pytest.approx(np.mean([-0.02, 0.01, -0.02]))
+    assert not m.controls["oeb_vs_oeb_random"]["deep_decay"]["exceeds"]
+    assert "p_value" not in str(m.to_dict()["components"])

@@ -278,3 +278,156 @@ def test_mcnemar_sample_size_gives_the_promised_power_by_simulation():
     draws = rng.multinomial(n, [p01, p10, 1 - psi], size=400)
     rejections = np.mean([stats.mcnemar_exact(int(a), int(b)).p_value < 0.05 for a, b, _ in draws])
     assert 0.7 <= rejections <= 0.9
+
+
+# --- permutation tests, Holm, detectable effects, clustered resampling, Freedman-Lane ---------------------------------
+
+
+def _scipy_two_sample(x, y):
+    res = scipy.stats.permutation_test((np.asarray(x, float), np.asarray(y, float)),
+                                       lambda a, b, axis: np.abs(a.mean(axis) - b.mean(axis)),
+                                       permutation_type="independent", n_resamples=np.inf, alternative="greater",
+                                       vectorized=True)
+    return res.pvalue
+
+
+@pytest.mark.parametrize("x, y", [
+    ([0.1, 0.5, 0.3], [0.9, 0.7]),
+    ([1.0, 2.0, 2.0, 3.0], [2.0, 2.0, 4.0, 5.0, 1.0]),  # ties across groups
+    ([1.0, 1.0, 1.0], [1.0, 1.0]),  # all tied: p = 1
+    ([0.2, 0.4, 0.1, 0.9, 0.5, 0.3], [0.8, 0.6, 1.2, 0.7, 1.1, 0.95, 1.0]),
+])
+def test_permutation_test_is_exact_and_matches_scipy(x, y):
+    r = stats.permutation_test(x, y)
+    assert r.method.startswith("exact")
+    assert r.p_value == pytest.approx(_scipy_two_sample(x, y), abs=1e-12)
+    assert r.statistic == pytest.approx(np.mean(x) - np.mean(y))
+
+
+def test_permutation_test_complete_separation_has_the_exact_minimum():
+    # 3 vs 2 with every x below every y: of C(5, 2) = 10 splits only the observed one is as extreme
+    r = stats.permutation_test([1, 2, 3], [10, 11])
+    assert r.p_value == pytest.approx(1 / 10)
+
+
+def test_permutation_test_monte_carlo_agrees_with_exact_and_never_reaches_zero():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(0, 1, 12), rng.normal(0.8, 1, 11)
+    exact = stats.permutation_test(x, y, exact_limit=10**7).p_value
+    mc = stats.permutation_test(x, y, exact_limit=0, n_resamples=20000, seed=1)
+    assert mc.method.startswith("Monte Carlo") and abs(mc.p_value - exact) < 0.01
+    sep = stats.permutation_test(np.arange(30.0), np.arange(30.0) + 100, n_resamples=999)
+    assert sep.p_value == pytest.approx(1 / 1000)  # the +1 correction: no Monte Carlo p is 0
+
+
+@pytest.mark.parametrize("d", [
+    [0.3, -0.1, 0.5, 0.2, 0.4],
+    [1.0, 1.0, -1.0, 2.0, 0.0, 1.0],  # ties and a zero
+    [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, -0.25, 0.05],
+])
+def test_sign_flip_is_exact_and_matches_scipy(d):
+    ref = scipy.stats.permutation_test((np.asarray(d, float),), lambda a, axis: np.abs(a.mean(axis)),
+                                       permutation_type="samples", n_resamples=np.inf, alternative="greater",
+                                       vectorized=True).pvalue
+    r = stats.sign_flip_test(d)
+    assert r.method.startswith("exact") and r.p_value == pytest.approx(ref, abs=1e-12)
+
+
+def test_sign_flip_on_five_positive_pairs_is_one_sixteenth_not_a_normal_approximation():
+    # the smallest two-sided p five pairs can give is 2 / 2^5
+    assert stats.sign_flip_test([0.1, 0.3, 0.2, 0.5, 0.4]).p_value == pytest.approx(0.0625)
+    assert stats.sign_flip_test([0.1, 0.1, 0.1, 0.1, 0.1]).p_value == pytest.approx(0.0625)  # ties too
+
+
+def test_sign_flip_monte_carlo_beyond_the_exact_size():
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.3, 1, 40)
+    mc = stats.sign_flip_test(d, n_resamples=20000, seed=2)
+    ref = scipy.stats.ttest_1samp(d, 0).pvalue  # close to the permutation p at n = 40
+    assert mc.method.startswith("Monte Carlo") and abs(mc.p_value - ref) < 0.03
+
+
+def test_holm_matches_its_definition():
+    p = [0.01, 0.04, None, 0.03, 0.5]
+    # sorted 0.01, 0.03, 0.04, 0.5 with m = 4: 0.04, 0.09, max(0.09, 0.08) = 0.09, max(0.09, 0.5) = 0.5
+    assert stats.holm(p) == pytest.approx([0.04, 0.09, None, 0.09, 0.5])
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        ps = list(rng.random(6) ** 2)
+        adj = stats.holm(ps)
+        order = np.argsort(ps)
+        brute = np.maximum.accumulate([min(1.0, (6 - k) * ps[i]) for k, i in enumerate(order)])
+        assert np.allclose(np.array(adj)[order], brute)
+
+
+def test_minimum_detectable_effects():
+    assert stats.mde(1.0) == pytest.approx(1.959964 + 0.841621, rel=1e-5)
+    for n, psi in ((300, 0.05), (100, 0.2), (1000, 0.02)):
+        delta = stats.mde_mcnemar(n, psi)
+        assert stats.paired_power_mcnemar(psi, delta) <= n < stats.paired_power_mcnemar(psi, delta * 0.99)
+    assert stats.mde_mcnemar(10, 0.01) is None  # one discordant problem in ten: nothing is detectable
+
+
+def _clustered(rng, clusters=30, size=8, icc=0.5):
+    u = rng.normal(0, np.sqrt(icc), clusters)
+    y = np.repeat(u, size) + rng.normal(0, np.sqrt(1 - icc), clusters * size)
+    return y, np.repeat(np.arange(clusters), size)
+
+
+def test_cluster_bootstrap_keeps_its_coverage_where_the_plain_bootstrap_loses_it():
+    rng = np.random.default_rng(7)
+    hit_cluster = hit_plain = 0
+    sims = 200
+    for s in range(sims):
+        y, cl = _clustered(rng)
+        c = stats.cluster_bootstrap_ci(y, cl, n_boot=400, seed=s)
+        p = stats.bootstrap_ci(y, n_boot=400, seed=s)
+        hit_cluster += c.low <= 0 <= c.high
+        hit_plain += p.low <= 0 <= p.high
+    assert 0.88 <= hit_cluster / sims <= 0.99
+    assert hit_plain / sims < 0.75  # with ICC 0.5 and 8 per cluster the naive interval is far too narrow
+
+
+def test_cluster_bootstrap_diff_and_coef_observed_values():
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=40)
+    g = np.arange(40) % 3 == 0
+    cl = np.arange(40) // 4
+    obs, boot = stats.cluster_bootstrap_diff(y, g, cl, n_boot=300, seed=0)
+    assert obs == pytest.approx(y[g].mean() - y[~g].mean()) and boot.shape[0] <= 300
+    X = np.column_stack([g.astype(float), np.ones(40), rng.normal(size=40)])
+    obs, boot = stats.cluster_bootstrap_coef(y, X, cl, n_boot=300, seed=0)
+    assert obs == pytest.approx(np.linalg.lstsq(X, y, rcond=None)[0][0])
+    assert boot.shape == (300,) and np.isfinite(boot).all()
+    assert np.std(boot) > 0
+
+
+def test_freedman_lane_estimates_the_adjusted_coefficient_and_the_fixed_effects_one():
+    rng = np.random.default_rng(4)
+    n = 90
+    x = rng.normal(size=n)
+    g = (x + rng.normal(size=n)) > 0
+    y = 0.5 * x + 0.3 * g + rng.normal(0, 0.5, n)
+    Z = np.column_stack([np.ones(n), x])
+    r = stats.freedman_lane(y, g, Z, n_resamples=999)
+    assert r.estimate == pytest.approx(np.linalg.lstsq(np.column_stack([g, Z]), y, rcond=None)[0][0])
+    assert r.p_value < 0.05
+    cl = np.arange(n) // 6
+    fe = stats.freedman_lane(y, g, x[:, None], absorb=cl, n_resamples=999)
+    dummies = (cl[:, None] == np.unique(cl)[None]).astype(float)
+    ref = np.linalg.lstsq(np.column_stack([g, x, dummies]), y, rcond=None)[0][0]
+    assert fe.estimate == pytest.approx(ref)
+    assert stats.freedman_lane(y, g, np.column_stack([np.ones(n), g.astype(float)])) is None  # collinear
+
+
+def test_freedman_lane_is_exchangeable_within_clusters_only():
+    # a group that is constant within every cluster carries no within-cluster information
+    g = np.repeat([True, False] * 5, 4)
+    y = np.random.default_rng(0).normal(size=40)
+    assert stats.freedman_lane(y, g, np.zeros((40, 0)), absorb=np.repeat(np.arange(10), 4)) is None
+
+
+def test_bootstrap_p_value_counts_the_null_centred_resamples():
+    # observed 0.5; resamples centred at it: |r - 0.5| >= 0.5 for 0.0, 1.0 and 1.2 of the five -> (1 + 3) / (1 + 5)
+    assert stats.bootstrap_p_value(0.5, np.array([0.0, 0.4, 0.6, 1.0, 1.2])) == pytest.approx(4 / 6)
+    assert stats.bootstrap_p_value(1.0, np.full(99, 1.0)) == pytest.approx(1 / 100)

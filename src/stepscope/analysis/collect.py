@@ -1,17 +1,11 @@
-"""Graded traces from an evaluation run, and their Step-Saliency, cached on disk so re-runs are fast."""
+"""Graded traces from an evaluation run (measurements and their cache: :mod:`.measure`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import StepscopeError
-from ..saliency import StepSaliency, step_saliency
 from ..trace import Trace
-from .compare import AnalysedTrace
 
 
 def graded_traces(run_dir: Path, condition: str) -> list[tuple[dict, Trace]]:
@@ -23,6 +17,10 @@ def graded_traces(run_dir: Path, condition: str) -> list[tuple[dict, Trace]]:
     if not rows:
         conds = sorted({r.get("condition") for r in records})
         raise StepscopeError(f"{run_dir} has no samples of condition {condition!r} (it has: {', '.join(conds) or 'none'})")
+    ungraded = sum(1 for r in rows if r.get("correct") is None)
+    if ungraded:  # imported without grading: there is no correct / wrong split to analyse
+        raise StepscopeError(f"{ungraded} of {len(rows)} samples in {run_dir} are not graded; re-import them with "
+                             "--grade (gold from --dataset NAME or the file) or --source-metric NAME")
     out = []
     for r in rows:
         if not r.get("trace"):
@@ -41,30 +39,3 @@ def first_problems(rows: list[tuple[dict, Trace]], limit: int) -> list[tuple[dic
             break
         keep.setdefault(str(r.get("problem_id")), None)
     return [(r, t) for r, t in rows if str(r.get("problem_id")) in keep]
-
-
-def cache_key(model_name: str, trace: Trace, options: dict) -> str:
-    doc = json.dumps({"model": model_name, "ids": trace.token_ids, "prompt_len": trace.prompt_len,
-                      "steps": [(s.kind, s.start, s.end) for s in trace.steps], "options": options}, sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:24]
-
-
-def cached_saliency(model, tokenizer, model_name: str, traces: list[Trace], cache: Path, *, stepflow=None,
-                    progress: bool = True, desc: str = "saliency", **options) -> list[StepSaliency]:
-    """Step-Saliency of each trace, reusing ``cache/<key>.npz/.json`` when present."""
-    opts = dict(options, stepflow=None if stepflow is None else stepflow.to_dict())
-    out = []
-    for trace in tqdm(traces, desc=desc, unit="trace", disable=not progress or None, leave=False):
-        path = cache / cache_key(model_name, trace, opts)
-        if path.with_suffix(".json").exists() and path.with_suffix(".npz").exists():
-            out.append(StepSaliency.load(path))
-            continue
-        r = step_saliency(model, tokenizer, trace, stepflow=stepflow, progress=False, **options)
-        r.save(path)
-        out.append(r)
-    return out
-
-
-def analysed(rows: list[tuple[dict, Trace]], results: list[StepSaliency], condition: str) -> list[AnalysedTrace]:
-    return [AnalysedTrace(r["problem_id"], int(r["sample"]), bool(r["correct"]), s, condition)
-            for (r, _), s in zip(rows, results)]

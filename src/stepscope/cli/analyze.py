@@ -1,25 +1,30 @@
-"""``stepscope analyze``: do correct and wrong traces differ in Step-Saliency? (one or several models)"""
+"""``stepscope analyze``: do correct and wrong traces differ in Step-Saliency? A thin layer over
+:func:`stepscope.analyze` (one or several models)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from ..errors import StepscopeError
-from .common import add_generation_args
+from .common import add_format_arg, add_generation_args
 from .eval import add_problem_args, build_config, load_eval_problems
 from .stepflow_args import add_stepflow_args, stepflow_from_args
 
 
 def register(sub) -> None:
+    from ..analysis.defaults import PAIRED_SAMPLES, PAIRED_TEMPERATURE
+
     p = sub.add_parser(
-        "analyze", help="compare Step-Saliency of correct and wrong traces (per layer, per band, with tests)",
-        description="Generate and grade traces (an eval run, resumable) or reuse those of an earlier run "
-        "(--traces), compute Step-Saliency for each (cached), and compare correct vs wrong traces: per-layer "
-        "curves with bootstrap bands, band scores with Mann-Whitney tests and effect sizes, the paired version "
-        "for problems with both outcomes, and group mean maps. Writes OUT/report.html and OUT/analysis.json.")
+        "analyze", help="compare Step-Saliency of correct and wrong traces (paired, length-adjusted, with controls)",
+        description="Generate and grade traces (an eval run, resumable; by default "
+        f"{PAIRED_SAMPLES} samples per problem at temperature {PAIRED_TEMPERATURE}, so that problems have both "
+        "outcomes) or reuse those of an earlier run (--traces), measure Step-Saliency of each (cached), and compare "
+        "correct vs wrong traces: every band score within problems (sign-flip test) and pooled, each raw and "
+        "adjusted for length and step structure, Holm across the scores, the shuffled-step-boundary control, "
+        "per-layer curves with bands, the failing step (organism), and with --mechanism the per-component mechanism "
+        "check with its random controls. Writes OUT/report.html and OUT/analysis.json.")
     g = p.add_argument_group("models")
     g.add_argument("--model", action="append", default=None,
                    help="model to analyse (repeatable for a side-by-side comparison; default: default)")
@@ -27,23 +32,36 @@ def register(sub) -> None:
     g.add_argument("--device", default=None)
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--profile", default="auto", choices=["auto", "think", "harmony", "plain"])
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     add_problem_args(p)
     add_generation_args(p, max_new_tokens=256)
+    p.set_defaults(temperature=PAIRED_TEMPERATURE)
     r = p.add_argument_group("analysis")
-    r.add_argument("--n", type=int, default=1, help="samples per problem (use --temperature > 0 with n > 1)")
-    r.add_argument("--traces", type=Path, action="append", default=None,
-                   help="an eval run directory whose saved traces to reuse (one per --model, in order)")
+    r.add_argument("--n", type=int, default=PAIRED_SAMPLES,
+                   help=f"samples per problem when analyze generates (default {PAIRED_SAMPLES}, at --temperature "
+                   f"{PAIRED_TEMPERATURE})")
+    r.add_argument("--traces", action="append", default=None, metavar="DIR[,DIR]",
+                   help="an eval run directory whose saved traces to reuse (one per --model, in order; several "
+                   "directories of one model, with disjoint problems, separated by commas)")
     r.add_argument("--condition", default=None, help="which condition of --traces to analyse (default: baseline, "
                    "or stepflow with --stepflow)")
     r.add_argument("--mechanism", action="store_true",
-                   help="also measure the wrong traces teacher-forced with StepFlow on (paired mechanism check)")
+                   help="also measure traces teacher-forced with OEB only, SMI only, both, and their random controls")
+    r.add_argument("--mechanism-traces", default="wrong", choices=["wrong", "all"])
+    r.add_argument("--mechanism-limit", type=int, default=200, help="at most this many traces in the mechanism check")
+    r.add_argument("--no-controls", action="store_true", help="skip the random-edit controls of the mechanism check")
+    r.add_argument("--no-activations", action="store_true", help="skip the hidden-state check at SMI's sites")
+    r.add_argument("--shuffles", type=int, default=39, help="shuffled step boundaries per trace (control; 0: off)")
     r.add_argument("--target", default="all", choices=["all", "generated", "summary"])
     r.add_argument("--chunk-mb", type=float, default=256.0)
     r.add_argument("--band-fraction", type=float, default=0.25)
     r.add_argument("--workers", type=int, default=2, help="grading processes")
     r.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    r.add_argument("--n-perm", type=int, default=4999, help="Monte Carlo permutations (exact enumeration when small)")
+    r.add_argument("--analysis-seed", type=int, default=0, help="seed of resampling, shuffles and controls")
     add_stepflow_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/analysis"), help="output directory")
+    add_format_arg(p)
     p.set_defaults(func=run)
 
 
@@ -51,12 +69,12 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
-def _run_dir(args, model_name: str, index: int) -> Path:
-    """The eval run holding this model's traces: --traces, or a run analyze makes (and resumes) itself."""
+def _run_dir(args, model_name: str, index: int) -> list[Path]:
+    """The eval runs holding this model's traces: --traces, or a run analyze makes (and resumes) itself."""
     if args.traces:
         if len(args.traces) != len(args.model):
-            raise StepscopeError("give one --traces directory per --model, in the same order")
-        return args.traces[index]
+            raise StepscopeError("give one --traces value per --model, in the same order")
+        return [Path(p) for p in args.traces[index].split(",") if p]
     from ..evaluation.runner import prepare_run_dir, run_eval
     from ..models import load_model
 
@@ -68,64 +86,55 @@ def _run_dir(args, model_name: str, index: int) -> Path:
     prepare_run_dir(out, config)
     model, tok = load_model(model_name, dtype=args.dtype, device=args.device,
                             trust_remote_code=args.trust_remote_code)
-    print(f"[{model_name}] generating and grading {len(problems)} problems x {config.sampling.n} -> {out}")
+    s = config.sampling
+    print(f"[{model_name}] generating and grading {len(problems)} problems x {s.n} (temperature {s.temperature}) "
+          f"-> {out}")
     run_eval(model, tok, problems, config, out, batch_size=args.batch_size, workers=args.workers)
-    return out
+    return [out]
 
 
 def run(args) -> int:
-    from ..analysis.collect import analysed, cached_saliency, first_problems, graded_traces
-    from ..analysis.compare import compare_groups, mechanism_check
-    from ..analysis.report import write_analysis_report
+    from ..analysis.api import AnalysisConfig, AnalysisResult, analyze
     from ..models import load_model
+    from ..stepflow import StepFlowConfig
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.model = args.model or ["default"]
     stepflow = stepflow_from_args(args, None)
-    if args.mechanism and stepflow is None:
-        stepflow_mech = stepflow_from_args(args, None, force=True)
-    else:
-        stepflow_mech = stepflow
+    decomposed = stepflow or (stepflow_from_args(args, None, force=True) if args.mechanism else StepFlowConfig())
     condition = args.condition or ("stepflow" if stepflow is not None else "baseline")
-    comparisons, mechanism, out_json = [], {}, {"models": [], "condition": condition}
-    for i, name in enumerate(args.model):
-        run_dir = _run_dir(args, name, i)
-        rows = graded_traces(run_dir, condition)
-        if args.traces and args.limit is not None:
-            rows = first_problems(rows, args.limit)
-        model, tok = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-        opts = dict(target=args.target, chunk_mb=args.chunk_mb, band_fraction=args.band_fraction)
-        cache = args.out / "saliency" / _slug(name)
+    config = AnalysisConfig(
+        condition=condition, target=args.target, chunk_mb=args.chunk_mb, band_fraction=args.band_fraction,
+        n_boot=args.n_boot, n_perm=args.n_perm, shuffles=args.shuffles, seed=args.analysis_seed,
+        mechanism=args.mechanism, mechanism_traces=args.mechanism_traces, mechanism_limit=args.mechanism_limit,
+        controls=not args.no_controls, activations=not args.no_activations, stepflow=decomposed,
         # traces generated with StepFlow on are measured with it on (what the model actually computed)
-        results = cached_saliency(model, tok, name, [t for _, t in rows], cache,
-                                  stepflow=stepflow if condition != "baseline" else None,
-                                  desc=f"saliency [{name}]", **opts)
-        traces = analysed(rows, results, condition)
-        n_right = sum(t.correct for t in traces)
-        print(f"[{name}] {len(traces)} traces: {n_right} correct, {len(traces) - n_right} wrong")
-        cmp = compare_groups(traces, model=name, n_boot=args.n_boot)
-        comparisons.append(cmp)
-        entry = cmp.to_dict()
-        if args.mechanism:
-            wrong = [(r, t) for (r, t) in rows if not r["correct"]]
-            before = [s for (r, _), s in zip(rows, results) if not r["correct"]]
-            after = cached_saliency(model, tok, name, [t for _, t in wrong], cache, stepflow=stepflow_mech,
-                                    desc=f"with StepFlow [{name}]", **opts)
-            mechanism[name] = mechanism_check(before, after)
-            entry["mechanism"] = mechanism[name].to_dict()
-        out_json["models"].append(entry)
-        _print_scores(cmp)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "analysis.json").write_text(json.dumps(out_json, indent=1))
-    report = write_analysis_report(comparisons, args.out, mechanism=mechanism or None,
-                                   settings={"condition": condition, "target": args.target})
-    print(f"wrote {args.out / 'analysis.json'} and {report}")
+        measure_with=stepflow if condition != "baseline" else None)
+    results = []
+    for i, name in enumerate(args.model):
+        run_dirs = _run_dir(args, name, i)
+        model, tok = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        res = analyze(model, tok, run_dirs, config, model_name=name, cache=args.out / "saliency" / _slug(name),
+                      limit=args.limit if args.traces else None)
+        results.append(res)
+        _print(res.models[0])
+    result = AnalysisResult.merge(results)
+    path = result.save(args.out)
+    from ..progress import phase
+
+    with phase("writing the analysis report and its figures"):  # several seconds with no other sign of life
+        report = result.report(args.out, formats=args.format)
+    print(f"wrote {path} and {report}")
     return 0
 
 
-def _print_scores(cmp) -> None:
-    for s in cmp.scores:
-        c = "n/a" if s.correct is None else f"{s.correct.estimate:.3f}"
-        w = "n/a" if s.wrong is None else f"{s.wrong.estimate:.3f}"
-        p = "n/a" if s.test is None else f"{s.test.p_value:.3g}"
-        e = "" if s.test is None else f", effect {s.test.rank_biserial:+.2f}"
-        print(f"  {s.name:24s} correct {c}  wrong {w}  Mann-Whitney p={p}{e}")
+def _print(m) -> None:
+    c = m.comparison
+    p = c.pairing
+    print(f"[{m.model}] {c.n_correct} correct, {c.n_wrong} wrong; {p['problems']} problems, "
+          f"{p['problems_with_both_outcomes']} with both outcomes; headline: {c.headline}")
+    for s in c.scores:
+        print(f"  {s.name:28s} {s.verdict}")

@@ -1,4 +1,5 @@
-"""Statistics for benchmark results: pass@k, bootstrap intervals, paired tests, rank tests, power.
+"""Statistics for benchmark results and flow analysis: pass@k, bootstrap intervals (also clustered by problem),
+paired tests, rank and permutation tests (exact when small), Holm, length-adjusted permutation tests, power.
 
 Pure numpy and the standard library, so results pages need no scipy; the tests check every function
 against scipy where scipy has the same test, and against hand-computed values.
@@ -6,29 +7,46 @@ against scipy where scipy has the same test, and against hand-computed values.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import StepscopeError
 
 __all__ = [
+    "AdjustedResult",
     "Band",
     "ConfidenceInterval",
     "MannWhitneyResult",
+    "PermutationResult",
     "TestResult",
     "bootstrap_band",
     "bootstrap_ci",
+    "bootstrap_p_value",
+    "cluster_bootstrap_band",
+    "cluster_bootstrap_ci",
+    "cluster_bootstrap_coef",
+    "cluster_bootstrap_diff",
+    "cluster_codes",
+    "cluster_weights",
+    "demean_within",
+    "freedman_lane",
+    "holm",
     "mann_whitney_u",
     "mcnemar_exact",
+    "mde",
+    "mde_mcnemar",
     "mean_pass_at_k",
     "normal_ppf",
     "paired_bootstrap_ci",
     "paired_power_explanation",
     "paired_power_mcnemar",
     "pass_at_k",
+    "permutation_test",
+    "sign_flip_test",
     "sign_test",
     "wilcoxon_signed_rank",
 ]
@@ -294,7 +312,7 @@ def _wilcoxon_null_counts(n: int) -> list[int]:
 def _two_sided_from_counts(counts: list[int], observed: float) -> float:
     """2 * min(P(T <= t), P(T >= t)) under a symmetric null given as integer counts, at most 1."""
     total = sum(counts)
-    t = int(round(observed))
+    t = round(observed)
     lower = sum(counts[: t + 1])
     upper = sum(counts[t:])
     return min(1.0, 2 * min(lower, upper) / total)
@@ -399,7 +417,7 @@ def paired_power_mcnemar(p_discordant: float, delta: float, alpha: float = 0.05,
     _check_power_args(p_discordant, delta, alpha, power)
     z_alpha, z_beta = normal_ppf(1 - alpha / 2), normal_ppf(power)
     root = z_alpha * math.sqrt(p_discordant) + z_beta * math.sqrt(max(p_discordant - delta**2, 0.0))
-    return int(math.ceil(root**2 / delta**2 - 1e-9))
+    return math.ceil(root**2 / delta**2 - 1e-9)
 
 
 def paired_power_explanation(p_discordant: float, delta: float, alpha: float = 0.05, power: float = 0.8) -> str:
@@ -410,3 +428,332 @@ def paired_power_explanation(p_discordant: float, delta: float, alpha: float = 0
         f"(two-sided McNemar test, alpha = {alpha:g}), given that {p_discordant:.1%} of problems flip between "
         f"the two runs, about {n} problems are needed (Connor 1987 sample-size formula)."
     )
+
+
+def mde_mcnemar(n: int, p_discordant: float, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Smallest paired accuracy change that ``n`` problems detect at this discordance (inverse of Connor's formula).
+
+    None when even a change equal to the whole discordance needs more than ``n`` problems (nothing detectable).
+    """
+    if n < 1 or not 0 < p_discordant <= 1:
+        return None
+    if paired_power_mcnemar(p_discordant, p_discordant, alpha, power) > n:
+        return None
+    lo, hi = 1e-6, p_discordant  # the required n falls as delta grows, so bisect on delta
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if paired_power_mcnemar(p_discordant, mid, alpha, power) <= n:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
+
+
+# --- permutation tests, multiple testing, detectable effects -----------------------------------------------------
+#
+# Two-sided p-values count resampled statistics at least as extreme as the observed one in absolute value, with
+# a small relative tolerance so that ties (equal values in the data give equal permuted statistics) are counted as
+# extreme, as an exact test must. Small samples are enumerated completely; beyond ``exact_limit`` arrangements a
+# Monte Carlo p-value (1 + hits) / (1 + resamples) is used, which is itself a valid p-value.
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """A resampling test: the observed statistic, its two-sided p-value and the null's standard deviation.
+
+    ``null_sd`` is the spread of the statistic under the null: the standard error used for the minimum
+    detectable effect (:func:`mde`).
+    """
+
+    statistic: float
+    p_value: float
+    n: int
+    method: str
+    null_sd: float
+    resamples: int
+
+
+def _at_least_as_extreme(null: np.ndarray, observed: float) -> np.ndarray:
+    tol = 1e-9 * max(1.0, abs(observed))
+    return np.abs(null) >= abs(observed) - tol
+
+
+def permutation_test(x: Iterable[float], y: Iterable[float], *, n_resamples: int = 9999, exact_limit: int = 50000,
+                     seed: int = 0) -> PermutationResult:
+    """Two-sample permutation test of the difference in means ``mean(x) - mean(y)`` (two-sided).
+
+    Exact (every split of the pooled values into groups of the observed sizes) when there are at most
+    ``exact_limit`` splits; otherwise Monte Carlo with the +1 correction.
+    """
+    xs, ys = _vector(x, "first sample"), _vector(y, "second sample")
+    z = np.concatenate([xs, ys])
+    m, n = xs.size, z.size
+    total = z.sum()
+    observed = float(xs.mean() - ys.mean())
+    if n - m == 0:
+        raise StepscopeError("the second sample is empty")
+    splits = math.comb(n, m)
+    if splits <= exact_limit:
+        idx = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n), m)), dtype=np.int64,
+                          count=splits * m).reshape(splits, m)
+        sx = z[idx].sum(axis=1)
+        null = sx / m - (total - sx) / (n - m)
+        hits = int(_at_least_as_extreme(null, observed).sum())
+        return PermutationResult(observed, hits / splits, n, f"exact permutation ({splits} splits)",
+                                 float(null.std()), splits)
+    rng = np.random.default_rng(seed)
+    hits, sq, count = 0, 0.0, 0
+    for start in range(0, n_resamples, 2048):
+        b = min(2048, n_resamples - start)
+        perm = np.argsort(rng.random((b, n)), axis=1)[:, :m]
+        sx = z[perm].sum(axis=1)
+        null = sx / m - (total - sx) / (n - m)
+        hits += int(_at_least_as_extreme(null, observed).sum())
+        sq += float((null**2).sum())
+        count += b
+    return PermutationResult(observed, (1 + hits) / (1 + count), n,
+                             f"Monte Carlo permutation ({count} resamples, +1 correction)", math.sqrt(sq / count), count)
+
+
+def sign_flip_test(d: Iterable[float], *, n_resamples: int = 9999, exact_max_n: int = 20,
+                   seed: int = 0) -> PermutationResult:
+    """Paired (one-sample) sign-flip permutation test of ``mean(d) = 0``, two-sided.
+
+    Exact over all 2^n sign patterns when n <= ``exact_max_n``; otherwise Monte Carlo with the +1 correction. Zero
+    differences stay in (flipping them changes nothing), so n counts every pair.
+    """
+    array = _vector(d, "differences")
+    n = array.size
+    observed = float(array.mean())
+    if n <= exact_max_n:
+        bits = np.arange(n, dtype=np.int64)
+        hits, sq, total = 0, 0.0, 2**n
+        for start in range(0, total, 2**16):
+            codes = np.arange(start, min(start + 2**16, total), dtype=np.int64)
+            signs = 1.0 - 2.0 * ((codes[:, None] >> bits) & 1)
+            null = signs @ array / n
+            hits += int(_at_least_as_extreme(null, observed).sum())
+            sq += float((null**2).sum())
+        return PermutationResult(observed, hits / total, n, f"exact sign-flip ({total} patterns)",
+                                 math.sqrt(sq / total), total)
+    rng = np.random.default_rng(seed)
+    hits, sq, count = 0, 0.0, 0
+    for start in range(0, n_resamples, 4096):
+        b = min(4096, n_resamples - start)
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(b, n))
+        null = signs @ array / n
+        hits += int(_at_least_as_extreme(null, observed).sum())
+        sq += float((null**2).sum())
+        count += b
+    return PermutationResult(observed, (1 + hits) / (1 + count), n,
+                             f"Monte Carlo sign-flip ({count} resamples, +1 correction)", math.sqrt(sq / count), count)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1) in the input order; None entries are not tests."""
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    m = len(idx)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
+def mde(standard_error: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a two-sided test: (z_{1-alpha/2} + z_power) x the statistic's standard error."""
+    _check_alpha(alpha)
+    return float((normal_ppf(1 - alpha / 2) + normal_ppf(power)) * standard_error)
+
+
+# --- clustered resampling -------------------------------------------------------------------------------------------
+
+
+def cluster_codes(clusters: Sequence) -> tuple[np.ndarray, int]:
+    """Integer codes 0..k-1 of cluster labels (compared as strings) and the number of clusters k."""
+    _, codes = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    return codes.astype(np.int64), int(codes.max()) + 1 if len(codes) else 0
+
+
+def cluster_weights(clusters: Sequence, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) observation weights of a cluster bootstrap: each resample draws clusters with replacement and an
+    observation weighs as often as its cluster was drawn."""
+    if n_boot < 1:
+        raise StepscopeError(f"n_boot must be at least 1, got {n_boot}")
+    codes, c = cluster_codes(clusters)
+    if c == 0:
+        raise StepscopeError("no observations to resample")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, c, size=(n_boot, c)) + (np.arange(n_boot) * c)[:, None]
+    counts = np.bincount(draws.ravel(), minlength=n_boot * c).reshape(n_boot, c)  # times each cluster was drawn
+    return counts[:, codes].astype(float)
+
+
+def cluster_bootstrap_ci(values: Iterable[float], clusters: Sequence, *, n_boot: int = 2000, alpha: float = 0.05,
+                         seed: int = 0) -> ConfidenceInterval:
+    """Percentile interval of the mean, resampling whole clusters (problems): samples of one problem move together."""
+    _check_alpha(alpha)
+    array = _vector(values, "values")
+    if len(clusters) != array.size:
+        raise StepscopeError("one cluster label per value is needed")
+    w = cluster_weights(clusters, n_boot, seed)
+    means = (w @ array) / w.sum(axis=1)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return ConfidenceInterval(float(array.mean()), float(low), float(high), 1 - alpha, int(array.size))
+
+
+def cluster_bootstrap_band(matrix: np.ndarray, clusters: Sequence, *, n_boot: int = 2000, alpha: float = 0.05,
+                           seed: int = 0) -> Band:
+    """Pointwise band of the column-wise mean (one row per trace), resampling whole clusters."""
+    _check_alpha(alpha)
+    array = np.asarray(matrix, dtype=float)
+    if array.ndim != 2 or array.shape[0] == 0 or not np.all(np.isfinite(array)):
+        raise StepscopeError("cluster_bootstrap_band needs a finite, non-empty rows x points matrix")
+    w = cluster_weights(clusters, n_boot, seed)
+    means = (w @ array) / w.sum(axis=1, keepdims=True)
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
+    return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]))
+
+
+def cluster_bootstrap_diff(values: np.ndarray, in_first: np.ndarray, clusters: Sequence, *, n_boot: int = 2000,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Difference of group means (first - second), observed and per cluster-bootstrap resample.
+
+    ``values``: (n,) or (n, L). Resamples in which a group draws no observation are dropped (returned as NaN rows
+    removed). Returns (observed, resampled) with shapes (...) and (B', ...).
+    """
+    v = np.asarray(values, dtype=float)
+    v2 = v.reshape(v.shape[0], -1)
+    g = np.asarray(in_first, dtype=bool)
+    w = cluster_weights(clusters, n_boot, seed)
+    wa, wb = w * g, w * ~g
+    na, nb = wa.sum(1, keepdims=True), wb.sum(1, keepdims=True)
+    ok = (na[:, 0] > 0) & (nb[:, 0] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = (wa @ v2) / na - (wb @ v2) / nb
+    observed = v2[g].mean(0) - v2[~g].mean(0)
+    shape = v.shape[1:]
+    return observed.reshape(shape), diff[ok].reshape((-1,) + shape)
+
+
+def bootstrap_p_value(observed: float, resampled: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of ``estimate = 0`` from the resampled estimates, by the null-centred
+    distribution (Hall and Wilson 1991): share of |resampled - observed| >= |observed|, with the +1 correction."""
+    r = np.asarray(resampled, dtype=float)
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return 1.0
+    hits = int(_at_least_as_extreme(r - observed, observed).sum())
+    return (1 + hits) / (1 + r.size)
+
+
+# --- length-adjusted comparisons: regression with covariates, permutation p -------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdjustedResult:
+    """The group coefficient of ``y ~ group + covariates`` with a resampling p-value and interval.
+
+    ``estimate``: the covariate-adjusted difference (first group minus second). ``null_sd``: its spread under the
+    null (the standard error for the minimum detectable effect); ``low``/``high``: 95% interval when computed.
+    """
+
+    estimate: float
+    p_value: float
+    n: int
+    method: str
+    null_sd: float
+    covariates: int
+    low: float | None = None
+    high: float | None = None
+
+
+def demean_within(a: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """``a`` minus its mean within each cluster (the fixed-effects transformation)."""
+    sums = np.zeros((k,) + a.shape[1:])
+    np.add.at(sums, codes, a)
+    counts = np.bincount(codes, minlength=k).astype(float)
+    return a - (sums / counts.reshape((-1,) + (1,) * (a.ndim - 1)))[codes]
+
+
+def _rank(a: np.ndarray) -> int:
+    return int(np.linalg.matrix_rank(a)) if a.size else 0
+
+
+def freedman_lane(y: Iterable[float], group: Iterable[bool], covariates: np.ndarray, *, absorb: Sequence | None = None,
+                  n_resamples: int = 4999, seed: int = 0) -> AdjustedResult | None:
+    """Permutation test of the group coefficient in ``y ~ group + covariates`` (Freedman and Lane 1983).
+
+    The covariates' fit (the model without the group) is removed; its residuals are permuted and added back, and
+    the group coefficient is refitted; the design, and so the link between group and covariates (wrong traces are
+    longer), stays fixed, which keeps the test's level where permuting group labels would not. ``absorb``: cluster
+    labels (problems) whose means are removed first (fixed effects) and within which residuals are permuted; this
+    is the within-problem version. ``covariates`` should hold an intercept column when ``absorb`` is None.
+    Returns None when the group is not identifiable beside the covariates (collinear, or too few observations).
+    Monte Carlo p with the +1 correction.
+    """
+    yv = _vector(y, "scores")
+    g = np.asarray(list(group) if not isinstance(group, np.ndarray) else group, dtype=float).ravel()
+    Z = np.asarray(covariates, dtype=float).reshape(yv.size, -1)
+    if g.size != yv.size:
+        raise StepscopeError("one group label per score is needed")
+    if absorb is not None:
+        codes, k = cluster_codes(absorb)
+        yv, g, Z = demean_within(yv, codes, k), demean_within(g, codes, k), demean_within(Z, codes, k)
+    else:
+        codes, k = np.zeros(yv.size, dtype=np.int64), 1
+    X = np.column_stack([g, Z])
+    rank_z = _rank(Z)
+    # at least a few residual degrees of freedom, or the permutation distribution is degenerate
+    if _rank(X) != rank_z + 1 or yv.size - (rank_z + 1) - (k - 1 if absorb is not None else 0) < 3:
+        return None
+    h = np.linalg.pinv(X)[0]
+    fitted = Z @ (np.linalg.pinv(Z) @ yv) if Z.shape[1] else np.zeros_like(yv)
+    r = yv - fitted
+    observed = float(h @ yv)
+    rng = np.random.default_rng(seed)
+    base = np.argsort(codes, kind="stable")
+    hits, sq, count = 0, 0.0, 0
+    for start in range(0, n_resamples, 1024):
+        b = min(1024, n_resamples - start)
+        # rows sorted by cluster, random order inside each cluster: a within-cluster permutation per row
+        order = np.argsort(codes[None, :] + rng.random((b, yv.size)), axis=1)
+        perm = np.empty_like(order)
+        perm[:, base] = order
+        null = r[perm] @ h
+        hits += int(_at_least_as_extreme(null, observed).sum())
+        sq += float((null**2).sum())
+        count += b
+    where = "within clusters" if absorb is not None else "across observations"
+    return AdjustedResult(observed, (1 + hits) / (1 + count), int(yv.size),
+                          f"Freedman-Lane permutation {where} ({count} resamples, +1 correction)",
+                          math.sqrt(sq / count), int(rank_z))
+
+
+def cluster_bootstrap_coef(y: np.ndarray, X: np.ndarray, clusters: Sequence, *, column: int = 0, n_boot: int = 1000,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficient ``column`` of least squares ``y ~ X``, observed and per cluster-bootstrap resample.
+
+    ``y``: (n,) or (n, L) (several outcomes share the design: per-layer curves). Weighted least squares with the
+    cluster-bootstrap weights; a tiny ridge keeps resamples that lose a covariate level usable, and resamples in
+    which the coefficient itself is not identified are dropped (so fewer than ``n_boot`` may come back).
+    """
+    yv = np.asarray(y, dtype=float)
+    y2 = yv.reshape(yv.shape[0], -1)
+    Xv = np.asarray(X, dtype=float)
+    observed = (np.linalg.pinv(Xv) @ y2)[column]
+    w = cluster_weights(clusters, n_boot, seed)  # (B, n)
+    n, p = Xv.shape
+    xtwx = (w @ (Xv[:, :, None] * Xv[:, None, :]).reshape(n, p * p)).reshape(n_boot, p, p)
+    xtwy = (w @ (Xv[:, :, None] * y2[:, None, :]).reshape(n, -1)).reshape(n_boot, p, y2.shape[1])
+    # a tiny ridge keeps resamples that lost a covariate level solvable (that column's coefficient goes to 0)
+    ridge = 1e-9 * np.trace(xtwx, axis1=1, axis2=2)[:, None, None] / p * np.eye(p)
+    coef = np.linalg.solve(xtwx + ridge, xtwy)  # (B, p, L)
+    # Drop resamples in which the coefficient is not identified (its column is, up to rounding, a combination of the
+    # others there, e.g. only one outcome drawn within the problems that remain): the ridge would set it arbitrarily.
+    inv_diag = np.linalg.inv(xtwx + ridge)[:, column, column]
+    partial = 1.0 / np.maximum(inv_diag, 1e-300)  # weighted variance of the column left after the others
+    keep = partial > 1e-6 * np.maximum(xtwx[:, column, column], 1e-300)
+    shape = yv.shape[1:]
+    return observed.reshape(shape), coef[keep][:, column, :].reshape((-1,) + shape)

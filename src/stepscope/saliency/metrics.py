@@ -38,7 +38,7 @@ class Bands:
 
     @property
     def shallow(self) -> range:
-        return range(0, self.size)
+        return range(self.size)
 
     @property
     def deep(self) -> range:
@@ -134,3 +134,25 @@ def band_mean(values: np.ndarray | None, band: range) -> float | None:
     v = values[band.start : band.stop]
     v = v[~np.isnan(v)]
     return float(v.mean()) if v.size else None
+
+
+SHARE_METRICS = ("question_reach", "local_share", "summary_thinking_share", "summary_recency_share")
+
+
+def uniform_null_shares(counts: np.ndarray, steps: list[Step]) -> dict[str, float | None]:
+    """Each share metric as uniform saliency over the causally valid pairs would give it (``F = N``).
+
+    A share of a sum map grows with the number of token pairs it covers, so longer steps or segments take larger
+    shares with no change in flow at all; this is that mechanical part, from the token counts alone.
+    """
+    sums = np.asarray(counts, dtype=float)[None]
+    values, _ = compute_metrics(sums, np.asarray(counts), np.zeros((1, len(steps))), steps)
+    return {k: None if values.get(k) is None else float(values[k][0]) for k in SHARE_METRICS}
+
+
+def net_shares(metrics: dict[str, np.ndarray | None], counts: np.ndarray, steps: list[Step]
+               ) -> dict[str, np.ndarray | None]:
+    """Per-layer shares minus their uniform-null value (:func:`uniform_null_shares`): zero when a share only
+    tracks token counts, positive when the flow favours those keys beyond their size."""
+    null = uniform_null_shares(counts, steps)
+    return {k: None if metrics.get(k) is None or null[k] is None else metrics[k] - null[k] for k in SHARE_METRICS}
