@@ -20,11 +20,13 @@ stepscope eval --model default --dataset gsm8k --data-dir "$DATA" --limit 300 --
 
 # default model: correct vs wrong within problems (8 samples per problem at temperature 0.7, one thread), with
 # the per-component mechanism check; the greedy runs above are analysed too (no pairing possible there)
-stepscope eval --model default --dataset rg:basic_arithmetic "${ADD[@]}" --rg "operators=+,-" --rg-size ${ADDSUB_N8:-40} \
-  --data-seed 0 --n 8 --temperature 0.7 --conditions baseline --max-new-tokens 160 --batch-size 8 --workers 1 \
-  --no-progress --out runs/results/addsub-n8
-stepscope analyze --traces runs/results/addsub-n8 --condition baseline --mechanism --mechanism-limit 60 --threads 1 \
-  --out runs/analysis/addsub-n8
+N8=(--n 8 --temperature 0.7 --conditions baseline --max-new-tokens 160 --batch-size 8 --workers 1 --no-progress)
+stepscope eval --model default --dataset rg:basic_arithmetic "${ADD[@]}" --rg "operators=+,-" --rg-size 40 \
+  --data-seed 0 "${N8[@]}" --out runs/results/addsub-n8                          # problems 0-39
+stepscope eval --model default --dataset rg:basic_arithmetic "${ADD[@]}" --rg "operators=+,-" --rg-size 80 \
+  --indices 40-79 --data-seed 0 "${N8[@]}" --out runs/results/addsub-n8-b        # problems 40-79
+stepscope analyze --traces runs/results/addsub-n8,runs/results/addsub-n8-b --condition baseline --mechanism \
+  --mechanism-limit 60 --threads 1 --out runs/analysis/addsub-n8
 stepscope analyze --traces runs/results/addsub --condition baseline --threads 1 --out runs/analysis/addsub
 
 # the organism: build (cached), evaluate, analyse

@@ -359,8 +359,10 @@ def verdict(s: ScoreComparison, headline: str) -> str:
     if t.p_holm is not None and t.p_holm < 0.05:
         text = f"detected ({label}): wrong - correct = {_f(t.estimate)} {interval}, Holm p = {t.p_holm:.2g}"
         ctl = (s.control or {}).get(col)
-        if isinstance(ctl, dict) and not ctl.get("exceeds"):
-            text += "; but shuffled step boundaries give a comparable difference (not specific to the steps)"
+        if isinstance(ctl, dict):
+            text += (f"; on the {ctl['traces']} traces whose boundaries can move, {_f(ctl['real'])} against "
+                     f"{_f(ctl['shuffled_mean'])} with shuffled boundaries (p_control = {ctl['p_control']:.2g}): "
+                     + ("specific to the real steps" if ctl["exceeds"] else "not specific to the real steps"))
         return text
     return (f"not detected ({label}: {_f(t.estimate)} {interval}, Holm p = {t.p_holm:.2g}; smallest detectable "
             f"effect: {_f(t.mde, sign=False)})")
