@@ -21,12 +21,18 @@ from ..errors import StepscopeError
 from ..stepflow import StepFlowConfig
 from ..trace import Trace
 from .compare import AnalysedTrace, GroupComparison, compare_groups
+from .defaults import (  # re-exported; one home in defaults.py
+    PAIRED_SAMPLES,
+    PAIRED_TEMPERATURE,
+)
 from .failing import failing_step_analysis, locate, organism_problem
 from .measure import Intervention, Measured, cached_measure
 from .mechanism import MechanismResult, activation_effects, components, mechanism_check
 
+__all__ = ["PAIRED_SAMPLES", "PAIRED_TEMPERATURE", "AnalysisConfig", "AnalysisResult", "GradedTrace", "ModelAnalysis",
+           "analyze", "graded_from_run"]
+
 FORMAT = "stepscope.analysis"
-from .defaults import PAIRED_SAMPLES, PAIRED_TEMPERATURE  # noqa: E402 - re-exported, one home in defaults.py
 
 
 @dataclass(frozen=True)
