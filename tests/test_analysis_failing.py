@@ -95,3 +95,9 @@ def test_flow_into_the_failing_step_is_compared_with_the_same_gold_step(tokenize
     assert prem["p_value"] == pytest.approx(2 / 2**5)  # all five problems negative: the exact minimum
     # same step structure on both sides: the correct samples' value is the uniform share at that gold step
     assert prem["mean_correct"] > prem["mean_wrong"]
+    # Holm over the two failing-step tests of the condition: the premise p at least doubles (capped at 1)
+    assert prem["p_holm"] >= prem["p_value"] and "Holm" in out["holm_family"]
+    q = out["question"]["without_oeb"]
+    small, large = sorted([prem, q], key=lambda t: t["p_value"])
+    assert small["p_holm"] == pytest.approx(min(1.0, 2 * small["p_value"]))
+    assert large["p_holm"] == pytest.approx(max(small["p_holm"], large["p_value"]))

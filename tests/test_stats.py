@@ -431,3 +431,29 @@ def test_bootstrap_p_value_counts_the_null_centred_resamples():
     # observed 0.5; resamples centred at it: |r - 0.5| >= 0.5 for 0.0, 1.0 and 1.2 of the five -> (1 + 3) / (1 + 5)
     assert stats.bootstrap_p_value(0.5, np.array([0.0, 0.4, 0.6, 1.0, 1.2])) == pytest.approx(4 / 6)
     assert stats.bootstrap_p_value(1.0, np.full(99, 1.0)) == pytest.approx(1 / 100)
+
+
+def test_simultaneous_band_keeps_the_family_wise_rate_where_pointwise_bands_do_not():
+    """200 null data sets of 12 independent layers: the pointwise 95% band excludes zero somewhere in most of them,
+    the simultaneous band in about 5%."""
+    rng = np.random.default_rng(7)
+    any_pointwise = any_simultaneous = 0
+    for k in range(200):
+        data = rng.normal(size=(40, 12))
+        band = stats.bootstrap_band(data, n_boot=400, seed=k)
+        lo, hi = stats.simultaneous_band(band.mean, band.resampled)
+        any_pointwise += bool(((band.low > 0) | (band.high < 0)).any())
+        any_simultaneous += bool(((lo > 0) | (hi < 0)).any())
+        assert np.all(lo <= band.low + 1e-12) and np.all(hi >= band.high - 1e-12)  # never narrower
+    assert any_pointwise / 200 > 0.25
+    assert 0.0 < any_simultaneous / 200 < 0.11
+
+
+def test_simultaneous_band_matches_a_hand_computed_max_t_band():
+    obs = np.array([0.0, 1.0])
+    boot = np.array([[0.0, 1.0], [1.0, 3.0], [2.0, 5.0]])  # sd 1 and 2; standardised |dev| max per row: 1, 0, 1
+    lo, hi = stats.simultaneous_band(obs, boot, alpha=0.5)
+    c = np.quantile([1.0, 0.0, 1.0], 0.5)
+    assert np.allclose(lo, obs - c * np.array([1.0, 2.0])) and np.allclose(hi, obs + c * np.array([1.0, 2.0]))
+    with pytest.raises(StepscopeError):
+        stats.simultaneous_band(obs, boot[:1])

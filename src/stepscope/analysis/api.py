@@ -28,6 +28,7 @@ from .defaults import (  # re-exported; one home in defaults.py
 from .failing import failing_step_analysis, locate, organism_problem
 from .measure import Intervention, Measured, cached_measure
 from .mechanism import MechanismResult, activation_effects, components, mechanism_check
+from .worked import gsm8k_steps, locate_worked
 
 __all__ = ["PAIRED_SAMPLES", "PAIRED_TEMPERATURE", "AnalysisConfig", "AnalysisResult", "GradedTrace", "ModelAnalysis",
            "analyze", "graded_from_run"]
@@ -174,14 +175,24 @@ def graded_from_run(run_dir: str | os.PathLike, condition: str, limit: int | Non
     return [GradedTrace(str(r["problem_id"]), int(r["sample"]), bool(r["correct"]), t) for r, t in rows]
 
 
+def _gold(g: GradedTrace, data_dir) -> dict | None:
+    """The trace's failing-step location against its problem's gold steps, where the problem has them."""
+    problem = organism_problem(g.problem_id)
+    if problem is not None:
+        return locate(problem, g.trace).to_dict() if problem.question in g.trace.question else None
+    worked = gsm8k_steps(g.problem_id, data_dir)
+    return locate_worked(worked, g.trace).to_dict() if worked else None
+
+
 def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.PathLike | GradedTrace], config: AnalysisConfig | None = None,
             *, model_name: str | None = None, cache: str | os.PathLike | None = None, limit: int | None = None,
-            progress: bool = True) -> AnalysisResult:
+            progress: bool = True, data_dir: str | os.PathLike | None = None) -> AnalysisResult:
     """Compare the Step-Saliency of correct and wrong traces of one model (and, optionally, run the mechanism check).
 
     ``traces``: an eval run directory saved with traces, several (their problems pooled; ``limit`` applies to each),
     or a list of :class:`GradedTrace`. ``cache``: a directory for per-trace measurements (re-runs reuse them).
-    Returns an :class:`AnalysisResult`.
+    ``data_dir``: offline benchmark copies (default ``$STEPSCOPE_DATA_DIR``), read for GSM8K's worked solutions
+    (the failing-step analysis; organism problems carry their own gold steps). Returns an :class:`AnalysisResult`.
     """
     config = config or AnalysisConfig()
     t0 = time.perf_counter()
@@ -210,9 +221,7 @@ def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.Path
     for g, m in zip(usable, measured):
         gold = None
         if config.failing_step:
-            problem = organism_problem(g.problem_id)
-            if problem is not None and problem.question in g.trace.question:
-                gold = locate(problem, g.trace).to_dict()
+            gold = _gold(g, data_dir)
         analysed.append(AnalysedTrace(g.problem_id, g.sample, g.correct, m.saliency, config.condition, m.shuffled,
                                       gold))
     comparison = compare_groups(analysed, model=name, n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed)

@@ -514,14 +514,21 @@ def curve_matrix(traces: list[AnalysedTrace], metric: str, net: bool = False) ->
     return (np.stack(rows) if rows else np.zeros((0, L))), np.array(keep, dtype=int)
 
 
-def _band_dict(mean, low, high, n) -> dict:
-    return {"mean": np.asarray(mean).tolist(), "low": np.asarray(low).tolist(), "high": np.asarray(high).tolist(),
-            "n": int(n)}
+def _band_dict(mean, low, high, n, resampled=None) -> dict:
+    out = {"mean": np.asarray(mean).tolist(), "low": np.asarray(low).tolist(), "high": np.asarray(high).tolist(),
+           "n": int(n)}
+    if resampled is not None and len(resampled) >= 2:
+        # family-wise over the layers: the curve's layers are one family of tests (see docs/analysis.md)
+        lo, hi = stats.simultaneous_band(np.asarray(mean), resampled)
+        out.update(sim_low=lo.tolist(), sim_high=hi.tolist(),
+                   layers_detected=[int(i) for i in np.flatnonzero(((lo > 0) | (hi < 0)) & (hi > lo))])
+    return out
 
 
 def curves(traces: list[AnalysedTrace], *, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
     """Per metric and layer: each group's mean with a 95% band, and the difference wrong - correct raw, length-
-    adjusted and within problems, each with a pointwise 95% band (problem-clustered resampling)."""
+    adjusted and within problems, each with a pointwise 95% band (problem-clustered resampling) and a simultaneous
+    one over all layers (``sim_low`` / ``sim_high``; ``layers_detected``: where it excludes zero, family-wise 5%)."""
     out: dict[str, dict] = {}
     names = [(m, False) for m in CURVE_METRICS] + [(m, True) for m in SHARE_METRICS]
     for metric, net in names:
@@ -542,16 +549,17 @@ def curves(traces: list[AnalysedTrace], *, n_boot: int = 2000, seed: int = 0) ->
                     entry[g] = _band_dict(b.mean, b.low, b.high, b.n)
             if wrong.sum() >= 2 and (~wrong).sum() >= 2:
                 obs, boot = stats.cluster_bootstrap_diff(mat, wrong, cl, n_boot=n_boot, seed=seed)
-                entry["diff_raw"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub))
+                entry["diff_raw"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub), boot)
                 Z = _design(rows, intercept=True, null=null)
                 X = np.column_stack([wrong.astype(float), Z])
                 if np.linalg.matrix_rank(X) == np.linalg.matrix_rank(Z) + 1:
                     obs, boot = stats.cluster_bootstrap_coef(mat, X, cl, n_boot=max(200, n_boot // 4), seed=seed)
-                    entry["diff_adjusted"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub))
+                    entry["diff_adjusted"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub),
+                                                        boot)
             d = _paired_curve(mat, wrong, cl)
             if d.shape[0] >= 2:
                 b = stats.bootstrap_band(d, n_boot=n_boot, seed=seed)
-                entry["diff_paired"] = _band_dict(b.mean, b.low, b.high, b.n)
+                entry["diff_paired"] = _band_dict(b.mean, b.low, b.high, b.n, b.resampled)
         out[f"{metric}_net" if net else metric] = entry
     return out
 

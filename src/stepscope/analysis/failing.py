@@ -190,4 +190,12 @@ def failing_step_analysis(traces, *, with_oeb: dict | None = None, band: str = "
                                                        "ci": [ci.low, ci.high],
                                                        "share_positive": float((d > 0).mean())}
         out[what] = entry
+    # Holm over the failing-step tests of one condition: {question, premise} without OEB, and again with OEB
+    for cond in ("without_oeb", "with_oeb"):
+        tests = [out[w][cond] for w in ("question", "premise") if cond in out[w]]
+        for t, adjusted in zip(tests, stats.holm([t.get("p_value") for t in tests])):
+            if adjusted is not None:
+                t["p_holm"] = adjusted
+    out["holm_family"] = ("Holm over the two failing-step tests (question share, premise share) of each condition "
+                          "(without OEB; with OEB)")
     return out

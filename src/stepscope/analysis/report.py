@@ -76,6 +76,9 @@ def plot_curves(model: dict):
                 x = np.arange(len(b["mean"]))
                 bottom.plot(x, _none(b["mean"]), color=color, label=key.replace("diff_", ""))
                 bottom.fill_between(x, _none(b["low"]), _none(b["high"]), color=color, alpha=0.2)
+                if b.get("sim_low") is not None:  # family-wise over the layers
+                    bottom.plot(x, _none(b["sim_low"]), color=color, lw=0.7, ls="--")
+                    bottom.plot(x, _none(b["sim_high"]), color=color, lw=0.7, ls="--")
         bottom.axhline(0, color="black", lw=0.8)
         for ax in (top, bottom):
             ax.axvspan(model["bands"]["shallow"][0] - 0.5, model["bands"]["shallow"][-1] + 0.5, color="#1f77b4",
@@ -90,7 +93,8 @@ def plot_curves(model: dict):
             bottom.set_ylabel("wrong - correct", fontsize=9)
             top.legend(fontsize=8)
             bottom.legend(fontsize=8)
-    fig.suptitle(f"{model['model']}: per-layer curves with 95% bands (problem-clustered)", fontsize=10)
+    fig.suptitle(f"{model['model']}: per-layer curves with 95% bands (problem-clustered; dashed: simultaneous over "
+                 "layers)", fontsize=10)
     return fig
 
 

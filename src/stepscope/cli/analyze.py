@@ -23,8 +23,9 @@ def register(sub) -> None:
         "outcomes) or reuse those of an earlier run (--traces), measure Step-Saliency of each (cached), and compare "
         "correct vs wrong traces: every band score within problems (sign-flip test) and pooled, each raw and "
         "adjusted for length and step structure, Holm across the scores, the shuffled-step-boundary control, "
-        "per-layer curves with bands, the failing step (organism), and with --mechanism the per-component mechanism "
-        "check with its random controls. Writes OUT/report.html and OUT/analysis.json.")
+        "per-layer curves with bands, the failing step (organism; GSM8K with its offline copy), and with "
+        "--mechanism the per-component mechanism check with its random controls. Writes OUT/report.html and "
+        "OUT/analysis.json.")
     g = p.add_argument_group("models")
     g.add_argument("--model", action="append", default=None,
                    help="model to analyse (repeatable for a side-by-side comparison; default: default)")
@@ -118,7 +119,7 @@ def run(args) -> int:
         run_dirs = _run_dir(args, name, i)
         model, tok = load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
         res = analyze(model, tok, run_dirs, config, model_name=name, cache=args.out / "saliency" / _slug(name),
-                      limit=args.limit if args.traces else None)
+                      limit=args.limit if args.traces else None, data_dir=getattr(args, "data_dir", None))
         results.append(res)
         _print(res.models[0])
     result = AnalysisResult.merge(results)

@@ -85,7 +85,8 @@ DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec("gsm8k", "openai/gsm8k", "main", "test", "question", "answer", "idx", "math", "gsm8k",
-                    answer_format="gsm8k", numeric=True, description="grade-school math, 1319 problems"),
+                    answer_format="gsm8k", numeric=True, row_adapter="gsm8k",
+                    description="grade-school math, 1319 problems"),
         DatasetSpec("math500", "HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id", "math",
                     "math500", meta_fields=("subject", "level"), description="MATH-500 competition math"),
         DatasetSpec("aime24", "HuggingFaceH4/aime_2024", None, "train", ("problem", "question"), "answer", "id",
@@ -183,8 +184,15 @@ def _livecodebench_row(row: dict, index: int) -> dict:
     }
 
 
-_ROW_ADAPTERS: dict[str, Callable[[dict, int], dict]] = {"gpqa": _gpqa_row, "livecodebench": _livecodebench_row}
+def _gsm8k_row(row: dict, index: int) -> dict:
+    """Keep the worked solution (its ``<<a*b=c>>`` annotations are gold steps for the failing-step analysis)."""
+    return {**row, "worked_solution": row.get("answer")}
+
+
+_ROW_ADAPTERS: dict[str, Callable[[dict, int], dict]] = {"gpqa": _gpqa_row, "livecodebench": _livecodebench_row,
+                                                         "gsm8k": _gsm8k_row}
 _ADAPTER_META: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("worked_solution",),
     "livecodebench": ("harness", "prompt_kind", "platform", "difficulty", "contest_date"),
 }
 

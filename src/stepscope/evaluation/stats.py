@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +48,7 @@ __all__ = [
     "permutation_test",
     "sign_flip_test",
     "sign_test",
+    "simultaneous_band",
     "wilcoxon_signed_rank",
 ]
 
@@ -103,6 +104,7 @@ class Band:
     high: np.ndarray
     level: float
     n: int
+    resampled: np.ndarray | None = field(default=None, repr=False, compare=False)  # (B, points): for simultaneous_band
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -248,7 +250,29 @@ def bootstrap_band(
         raise StepscopeError("the curve matrix holds NaN or infinite values; drop or fix those rows")
     means = _bootstrap_means(array, n_boot, seed)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
-    return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]))
+    return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]), means)
+
+
+def simultaneous_band(observed: np.ndarray, resampled: np.ndarray, *, alpha: float = 0.05,
+                      centre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A band that covers the whole curve at once with probability ``1 - alpha`` (family-wise over the points).
+
+    The max-|t| bootstrap band: each resample's largest standardised deviation from ``centre`` (default: the
+    resamples' mean) over the points; its ``1 - alpha`` quantile ``c`` gives ``observed -/+ c * sd``. Where a
+    pointwise band would flag about ``alpha * L`` of ``L`` null layers, this one flags any layer with probability
+    about ``alpha``. Points whose resamples do not vary get a zero-width band.
+    """
+    _check_alpha(alpha)
+    obs = np.asarray(observed, dtype=float)
+    boot = np.asarray(resampled, dtype=float).reshape((-1,) + obs.shape)
+    if boot.shape[0] < 2:
+        raise StepscopeError("simultaneous_band needs at least two resamples")
+    sd = boot.std(axis=0, ddof=1)
+    mid = boot.mean(axis=0) if centre is None else np.asarray(centre, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(sd > 0, np.abs(boot - mid) / sd, 0.0)
+    c = float(np.quantile(z.reshape(z.shape[0], -1).max(axis=1), 1 - alpha))
+    return obs - c * sd, obs + c * sd
 
 
 # --- paired tests -----------------------------------------------------------------------------------------------
@@ -613,7 +637,7 @@ def cluster_bootstrap_band(matrix: np.ndarray, clusters: Sequence, *, n_boot: in
     w = cluster_weights(clusters, n_boot, seed)
     means = (w @ array) / w.sum(axis=1, keepdims=True)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)
-    return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]))
+    return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]), means)
 
 
 def cluster_bootstrap_diff(values: np.ndarray, in_first: np.ndarray, clusters: Sequence, *, n_boot: int = 2000,
