@@ -54,7 +54,7 @@ def test_atoms_and_cache(tiny, tmp_path):
     atoms = atom_trace(trace)
     response = len(trace) - trace.prompt_len
     assert len(atoms.steps) == 1 + response and atoms.steps[0] == trace.steps[0]
-    assert [a.kind for a in atoms.steps[1:]] == [trace.segment_ids()[t] == 2 and "thinking" or "summary"
+    assert [a.kind for a in atoms.steps[1:]] == [(trace.segment_ids()[t] == 2 and "thinking") or "summary"
                                                  for t in range(trace.prompt_len, len(trace))]
     first = cached_measure(model, tok, "m", trace, Intervention(), tmp_path, shuffles=2)
     files = sorted(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""GSM8K-style worked solutions: gold steps from calculator annotations, and the first wrong step of hand-made traces."""
+"""GSM8K-style worked solutions: gold steps from calculator annotations; the first wrong step of hand-made traces."""
 
 import json
 import warnings

@@ -127,8 +127,8 @@ def test_bands_file_round_trip_and_bad_files(tmp_path):
 
 
 def _args(**kw):
-    base = {"stepflow": True, "oeb_layers": None, "smi_layers": None, "tau_max": None, "alpha": None, "smi_window": None,
-                "smi_at_summary": False, "no_oeb": False, "no_smi": False, "bands": None}
+    base = {"stepflow": True, "oeb_layers": None, "smi_layers": None, "tau_max": None, "alpha": None,
+            "smi_window": None, "smi_at_summary": False, "no_oeb": False, "no_smi": False, "bands": None}
     base.update(kw)
     return argparse.Namespace(**base)
 

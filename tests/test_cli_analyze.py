@@ -12,7 +12,8 @@ from stepscope.cli.main import main
 from stepscope.testing import tiny_model
 
 RESPONSES = [
-    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now.</think>\n\nFinal answer: 10<|im_end|>",
+    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now."
+    "</think>\n\nFinal answer: 10<|im_end|>",
     "We think hard about the sum. It is seven, clearly so. And we check it once more!</think>7<|im_end|>",
     "Start with twelve apples here. Take away five of them now. Seven apples remain in all.</think>7<|im_end|>",
     "Consider the product of four and six. It equals twenty four exactly. Done with it.</think>24<|im_end|>",

@@ -10,7 +10,8 @@ from stepscope.cli.main import main
 from stepscope.testing import tiny_model
 
 GOOD = "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now.</think>\n\nFinal answer: {}"
-BAD = "We think hard about the sum here. It is seven, clearly so. And we check it once more!</think>\n\nFinal answer: {}"
+BAD = ("We think hard about the sum here. It is seven, clearly so. And we check it once more!</think>\n\n"
+       "Final answer: {}")
 
 
 @pytest.fixture(scope="module")

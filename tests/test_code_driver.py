@@ -37,7 +37,7 @@ def _random_value(rng: random.Random, depth: int = 0):
     if kind == "tuple":
         return tuple(items)
     if kind == "dict":
-        return {k: v for k, v in zip(hashable, items)}
+        return dict(zip(hashable, items))
     if kind == "set":
         return set(hashable)
     return frozenset(hashable)

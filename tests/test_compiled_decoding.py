@@ -10,13 +10,12 @@ from test_stepflow import RESPONSES, STRONG
 
 import stepscope
 from stepscope import StepFlowConfig, Trace
+from stepscope.batch import left_pad, positions
 from stepscope.generation import (
     _forward_last,
     cache_kwarg,
     compiled_forward,
-    left_pad,
     new_static_cache,
-    positions,
 )
 from stepscope.labels import RowLabeler
 from stepscope.profiles import get_profile

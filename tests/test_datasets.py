@@ -490,3 +490,10 @@ def test_organism_sets_are_math_problems_prompted_with_the_bare_question():
         load_problems("organism:impossible", size=2)
     with pytest.raises(StepscopeError, match="--rg"):
         load_problems("organism:easy", rg_params={"x": 1})
+
+
+def test_the_plain_math_instruction_is_the_plain_profiles():
+    from stepscope.profiles import PLAIN
+
+    assert ds.INSTRUCTIONS["plain"]["math"] == PLAIN.instruction
+    assert build_user_message(Problem("p", "What is 2+2?", "4", "math"), PLAIN).endswith(PLAIN.instruction)

@@ -83,6 +83,13 @@ def test_math_answer_sources_in_order(response, expected):
     assert extract_answer(math_problem(), response) == expected
 
 
+@pytest.mark.parametrize("final", ["<|channel|>final<|message|>", "<|channel|>final <|constrain|>json<|message|>"])
+def test_harmony_summary_is_found_where_the_format_profile_puts_it(final):
+    # the summary markers are the profiles' (one regex for the segmenter, the tracker and extraction)
+    response = f"<|channel|>analysis<|message|>Maybe 4. The answer is 4.<|end|><|start|>assistant{final}It is 5."
+    assert extract_answer(math_problem(), response) == "5"
+
+
 def test_first_expression_returns_none_for_an_empty_span():
     assert first_expression("   ") is None
     assert first_expression(". Then more") is None

@@ -100,7 +100,9 @@ EXIT_TRICKS = {
         "        pass\n"
         "return None"
     ),
-    "patch the test's assert via builtins": "import builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\nreturn 0",
+    "patch the test's assert via builtins": (
+        "import builtins\nbuiltins.AssertionError = type('X', (Exception,), {})\nreturn 0"
+    ),
     "print a fake pass": "print('all tests passed')\nreturn None",
     "kill the judge": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
     "kill every process it can": "import os, signal\nos.kill(-1, signal.SIGKILL)",
@@ -196,9 +198,11 @@ def test_deleting_outside_the_work_dir_is_refused(backend):
     with open(os.path.join(victim, "precious.txt"), "w") as fh:
         fh.write("keep me")
     try:
-        body = f"import shutil, os\nshutil.rmtree({victim!r}, ignore_errors=True)\ntry:\n    os.unlink({victim!r} + '/precious.txt')\nexcept OSError:\n    pass\nreturn a + b"
+        body = (f"import shutil, os\nshutil.rmtree({victim!r}, ignore_errors=True)\n"
+                f"try:\n    os.unlink({victim!r} + '/precious.txt')\nexcept OSError:\n    pass\nreturn a + b")
         _grade(body)
-        assert open(os.path.join(victim, "precious.txt")).read() == "keep me"
+        with open(os.path.join(victim, "precious.txt")) as fh:
+            assert fh.read() == "keep me"
     finally:
         shutil.rmtree(victim, ignore_errors=True)
 
@@ -263,7 +267,8 @@ def test_no_connection_reaches_a_local_listener(backend):
             f"        socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"
             "    except OSError:\n"
             "        pass\n"
-            f"subprocess.run([sys.executable, '-c', \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\"])\n"
+            "subprocess.run([sys.executable, '-c', "
+            f"\"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)\"])\n"
             "return a - b"
         )
         _grade(body, timeout_s=5)

@@ -2,6 +2,7 @@
 them, and the one-line errors for bad files."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -127,11 +128,12 @@ def _lm_eval_row(doc_id, question, resps, target, em):
 
 def test_lm_eval_log_samples(tmp_path, tokenizers):
     f = _jsonl(tmp_path / "samples_gsm8k_2026-01-02T03-04-05.678901.jsonl",
-               [_lm_eval_row(0, "What is 2 + 3?", [R1, R2], "5", 1.0), _lm_eval_row(1, "What is 4 * 6?", [R3], "24", 0.0)])
+               [_lm_eval_row(0, "What is 2 + 3?", [R1, R2], "5", 1.0),
+                _lm_eval_row(1, "What is 4 * 6?", [R3], "24", 0.0)])
     assert detect_format(f) == "lm-eval"
     samples = read_lm_eval(f)
-    assert [(s.problem_id, s.gold, s.prompt_mode) for s in samples] == [("gsm8k/0", "5", "raw"), ("gsm8k/0", "5", "raw"),
-                                                                         ("gsm8k/1", "24", "raw")]
+    assert [(s.problem_id, s.gold, s.prompt_mode) for s in samples] == [
+        ("gsm8k/0", "5", "raw"), ("gsm8k/0", "5", "raw"), ("gsm8k/1", "24", "raw")]
     assert samples[0].question == "What is 2 + 3?" and samples[0].prompt == "Question: What is 2 + 3?\nAnswer:"
     _, lines, traces = _import(samples, tokenizers["plain"], tmp_path / "out", source_metric="exact_match")
     assert [r["correct"] for r in lines] == [True, True, False]
@@ -146,7 +148,7 @@ def test_lm_eval_log_samples(tmp_path, tokenizers):
 
 def test_source_metric_must_be_a_recorded_0_1_score(tmp_path, tokenizers):
     f = _jsonl(tmp_path / "samples_t_2026-01-02T03-04-05.678901.jsonl", [_lm_eval_row(0, "Q?", [R1], "5", 0.5)])
-    with pytest.raises(StepscopeError, match="metric 'exact_match' is 0.5, not 0/1"):
+    with pytest.raises(StepscopeError, match=re.escape("metric 'exact_match' is 0.5, not 0/1")):
         _import(read_lm_eval(f), tokenizers["plain"], tmp_path / "a", source_metric="exact_match")
     with pytest.raises(StepscopeError, match=r"has no metric 'acc' \(it has: exact_match\)"):
         _import(read_lm_eval(f), tokenizers["plain"], tmp_path / "b", source_metric="acc")
@@ -171,7 +173,8 @@ def test_lighteval_details_json_and_parquet(tmp_path, tokenizers):
     js.write_text(json.dumps(rows))
     assert detect_format(js) == "lighteval"
     _, lines, traces = _import(read_lighteval(js), tok, tmp_path / "a", source_metric="em")
-    assert [(r["problem_id"], r["gold"], r["correct"]) for r in lines] == [("math|0/0", "5", True), ("math|0/1", "24", False)]
+    assert [(r["problem_id"], r["gold"], r["correct"]) for r in lines] == [
+        ("math|0/0", "5", True), ("math|0/1", "24", False)]
     want = rows[0]["model_response"]["input_tokens"] + rows[0]["model_response"]["output_tokens"][0][:-2]
     assert traces[0].token_ids == want  # trailing padding dropped, the end token kept
     pq = pytest.importorskip("pyarrow.parquet")

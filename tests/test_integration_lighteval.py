@@ -77,7 +77,9 @@ def test_generation_is_stepscopes_stepflow_and_differs_from_plain(saved, tmp_pat
         ours = stepscope.generate(model, tok, prompts, max_new_tokens=12, chat=False, progress=False,
                                   stepflow=stepscope.StepFlowConfig(**STRONG))
         ours_plain = stepscope.generate(model, tok, prompts, max_new_tokens=12, chat=False, progress=False)
-    decode = lambda t: tok.decode(t.response_ids, skip_special_tokens=True)
+    def decode(t):
+        return tok.decode(t.response_ids, skip_special_tokens=True)
+
     assert got == [decode(t) for t in ours]
     assert base == [decode(t) for t in ours_plain]
     assert got != base

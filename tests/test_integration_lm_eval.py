@@ -74,7 +74,9 @@ def test_generation_is_stepscopes_stepflow_and_differs_from_plain(saved):
                                   stepflow=cfg, progress=False)
         ours_plain = stepscope.generate(model, tok, [PROMPT.format(q=q) for q in QUESTIONS], max_new_tokens=12,
                                         chat=False, progress=False)
-    decode = lambda t: tok.decode(t.response_ids, skip_special_tokens=True).split("<|im_end|>")[0]
+    def decode(t):
+        return tok.decode(t.response_ids, skip_special_tokens=True).split("<|im_end|>")[0]
+
     assert got == [decode(t) for t in ours]
     assert base == [decode(t) for t in ours_plain]
     assert got != base  # StepFlow changed what was generated

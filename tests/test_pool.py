@@ -2,7 +2,7 @@
 
 import time
 
-from stepscope.evaluation.pool import map_isolated
+from stepscope.sandbox.pool import map_isolated
 
 
 def test_isolated_map_survives_a_crash_a_hang_and_an_exception():

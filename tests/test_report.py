@@ -333,3 +333,18 @@ def test_compare_reports_direction_and_values(computed):
     missing = describe.compare(r0, computed["no_summary"][1])
     assert any("Deep Decay: n/a (the trace has no summary)" in s for s in missing)
     assert any(s.startswith("Note: the two results have different steps") for s in missing)
+
+
+def test_a_trace_with_a_flow_record_gets_its_table(computed, tmp_path):
+    from dataclasses import replace
+
+    from stepscope.stepflow.monitor import FlowRecord, FlowStep
+
+    trace, result = computed["full"]
+    steps = [FlowStep(s.index, s.start, s.end, 0.05 * s.index, 0.15, 0.02, 0.02) for s in trace.steps_of("thinking")]
+    flowed = replace(trace, meta={**trace.meta, "flow": FlowRecord([0], [3], steps).to_dict()})
+    doc = write_report({"baseline": result}, flowed, tmp_path).read_text(encoding="utf-8")
+    assert "Flow while it was written" in doc and "OEB band: layers 0; SMI band: layers 3" in doc
+    assert doc.count("<tr><td>T") == len(steps) and "5.0%" in doc and "15.0%" in doc
+    plain = write_report({"baseline": result}, trace, tmp_path / "plain").read_text(encoding="utf-8")
+    assert "Flow while it was written" not in plain

@@ -14,9 +14,21 @@ from stepscope.errors import StepscopeError
 from stepscope.evaluation import runner
 from stepscope.evaluation.datasets import Problem
 from stepscope.evaluation.graders import Grade
-from stepscope.evaluation.runner import (RunConfig, Sampling, Shard, build_conditions, merge_results, parse_conditions,
-                                         parse_shard, prepare_run_dir, problems_fingerprint, read_results, record_key,
-                                         run_eval, sample_seed)
+from stepscope.evaluation.runner import (
+    RunConfig,
+    Sampling,
+    Shard,
+    build_conditions,
+    merge_results,
+    parse_conditions,
+    parse_shard,
+    prepare_run_dir,
+    problems_fingerprint,
+    read_results,
+    record_key,
+    run_eval,
+    sample_seed,
+)
 from stepscope.stepflow import StepFlowConfig
 from stepscope.trace import Trace
 
@@ -176,7 +188,7 @@ def test_an_unwritable_out_directory_is_a_one_line_error(tmp_path):
         with pytest.raises(StepscopeError, match=r"cannot create the run directory .*pass a writable --out"):
             prepare_run_dir(out, make_config())
     (tmp_path / "odd" / "run.json").mkdir(parents=True)  # run.json there, but a directory
-    with pytest.raises(StepscopeError, match="run.json exists but is not a file"):
+    with pytest.raises(StepscopeError, match=r"run\.json exists but is not a file"):
         prepare_run_dir(tmp_path / "odd", make_config())
 
 

@@ -13,7 +13,8 @@ from stepscope.saliency.reference import reference_sums
 from stepscope.testing import FAMILIES, tiny_model
 
 RESPONSES = [
-    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now.</think>\n\nFinal answer: 10<|im_end|>",
+    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now."
+    "</think>\n\nFinal answer: 10<|im_end|>",
     "We think hard about it. It is seven, clearly.</think>7<|im_end|>",
 ]
 
@@ -28,7 +29,8 @@ def _quiet():
 @pytest.fixture(scope="module")
 def traces(tokenizers):
     tok = tokenizers["think"]
-    return [Trace.from_text(tok, "What is (2+3)*2?", RESPONSES[0]), Trace.from_text(tok, "Hi, what is 7?", RESPONSES[1])]
+    return [Trace.from_text(tok, "What is (2+3)*2?", RESPONSES[0]),
+            Trace.from_text(tok, "Hi, what is 7?", RESPONSES[1])]
 
 
 def rel_err(a, b):
@@ -171,3 +173,77 @@ def test_with_stepflow_matches_a_literal_reference(tokenizers, traces, family):
     off = stepscope.step_saliency(model, tok, traces[0], progress=False)
     assert np.abs(off.sums - ref).max() > 1e-3 * np.abs(ref).max()  # the edits change the map
     assert on.meta["stepflow"]["tau_max"] == 0.5
+
+
+def _hooks_left(model):
+    """Saved-tensor hooks on autograd's stack, module hooks and stepscope attention handlers: all should be gone."""
+    from stepscope.attention.dispatch import _CHAINS
+
+    return (torch._C._autograd._top_saved_tensors_default_hooks(True) is not None,
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()),
+            sum(1 for m in model.modules() if m in _CHAINS), model.config._attn_implementation, torch.is_grad_enabled())
+
+
+@pytest.mark.parametrize("where", ["layer 0 forward", "layer 0 backward", "whole-model backward"])
+def test_a_failure_inside_leaves_the_model_and_autograd_as_they_were(tokenizers, traces, monkeypatch, where):
+    """An error (e.g. out of memory) in the middle of the computation: no hook stays installed."""
+    from stepscope.saliency import engine
+
+    tok = tokenizers["think"]
+    model = tiny_model("llama", tok, layers=3)
+    ids = torch.tensor([traces[0].token_ids])
+    ref = model(ids).logits
+    before = _hooks_left(model)
+    assert before[:3] == (False, 0, 0)
+    method = "layerwise"
+    if where == "layer 0 forward":  # layer 0 runs the first pass's memory probe under saved-tensor hooks
+        def boom(module, args):
+            raise RuntimeError("boom")
+
+        hook = model.model.layers[0].mlp.register_forward_pre_hook(boom)
+    else:
+        hook = None
+        real = engine.layer_step_sums
+
+        def failing(call, *a, **k):
+            if call.layer_idx == 0:
+                raise RuntimeError("boom")
+            return real(call, *a, **k)
+
+        monkeypatch.setattr(engine, "layer_step_sums", failing)
+        method = "whole" if where.startswith("whole") else "layerwise"
+    with pytest.raises(RuntimeError, match="boom"):
+        stepscope.step_saliency(model, tok, traces[0], method=method, progress=False)
+    if hook is not None:
+        hook.remove()
+    assert _hooks_left(model) == before
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    monkeypatch.undo()
+    stepscope.step_saliency(model, tok, traces[0], progress=False)  # and it still works
+
+
+@pytest.mark.parametrize("family", ["phi", "gpt_neox"])
+def test_layerwise_outside_the_family_table_is_a_clear_error(tokenizers, traces, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = tokenizers["think"]
+    cfg = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(StepscopeError, match=f"method='layerwise'.*'{family}'.*method='whole'"):
+        stepscope.step_saliency(model, tok, traces[0], method="layerwise", progress=False)
+    auto = stepscope.step_saliency(model, tok, traces[0], progress=False)  # auto picks the whole-model pass
+    assert auto.sums.shape[0] == 2 and np.isfinite(auto.sums).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_non_finite_error_names_the_model_dtype(tokenizers, traces, dtype):
+    tok = tokenizers["think"]
+    model = tiny_model("llama", tok, dtype=dtype)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("inf")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(StepscopeError, match=f"non-finite.* in {name} ") as info:
+        stepscope.step_saliency(model, tok, traces[0], progress=False)
+    assert ("float32" in str(info.value)) == (dtype == torch.bfloat16)  # the hint to upcast, only where it helps

@@ -166,13 +166,13 @@ def test_network_is_unreachable(mode):
     try:
         program = (
             "import socket\n"
-            "for host in [('127.0.0.1', %d), ('1.1.1.1', 80)]:\n"
+            f"for host in [('127.0.0.1', {port}), ('1.1.1.1', 80)]:\n"
             "    try:\n"
             "        socket.create_connection(host, timeout=2).close()\n"
             "        print('CONNECTED', host)\n"
             "    except OSError as exc:\n"
             "        print('blocked', type(exc).__name__)\n"
-        ) % port
+        )
         result = sandbox.run_python(program, timeout_s=8)
         assert "CONNECTED" not in result.stdout
         assert result.stdout.count("blocked") == 2
@@ -236,7 +236,7 @@ def test_root_callers_run_the_program_as_a_fresh_unprivileged_uid(mode):
         uids: set[int] = set()
         end = time.monotonic() + 1.2
         while time.monotonic() < end:
-            uids |= {u for u in _host_uids_of(token)}
+            uids |= _host_uids_of(token)
             time.sleep(0.05)
         worker.join()
         seen.append(uids - {0} if "uid" not in sandbox.isolation_mode() else uids)

@@ -1,5 +1,6 @@
 """StepFlow on real model forwards: identity when off, exact SMI deltas, decode = full pass, batching, restore."""
 
+import itertools
 import warnings
 
 import numpy as np
@@ -14,7 +15,8 @@ from stepscope.stepflow.fullpass import teacher_forced_logits
 from stepscope.testing import FAMILIES, tiny_model
 
 RESPONSES = [
-    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now.</think>\n\nFinal answer: 10<|im_end|>",
+    "First we add 2 and 3 to get 5. Then we double it to get 10. So we have ten now.</think>\n\n"
+    "Final answer: 10<|im_end|>",
     "We think hard about the sum. It is seven, clearly so. And we check it once more!</think>7<|im_end|>",
 ]
 QUESTIONS = ["What is (2+3)*2?", "Hi, what is 7?"]
@@ -84,7 +86,7 @@ def test_smi_adds_exactly_alpha_times_step_mean_at_step_starts(tokenizers, trace
     for b, t in enumerate(traces):
         shift = width - len(t)
         thinking = t.steps_of("thinking")
-        fire = {s.start + shift: prev for prev, s in zip(thinking, thinking[1:])}
+        fire = {s.start + shift: prev for prev, s in itertools.pairwise(thinking)}
         diff = on.out[last][b] - off.out[last][b]  # (T, H, D)
         changed = {int(i) for i in torch.nonzero(diff.abs().amax(dim=(1, 2)) > 0).flatten()}
         assert changed == set(fire)
@@ -105,7 +107,7 @@ def test_only_band_layers_change(tokenizers, traces):
     model = tiny_model("llama", tok, layers=8)
     cfg = StepFlowConfig(oeb=False, alpha=0.5)  # SMI on the top quarter: layers 6, 7
     off, on = record(model, tok, traces, None), record(model, tok, traces, cfg)
-    changed = [l for l in range(8) if not torch.equal(on.out[l], off.out[l])]
+    changed = [layer for layer in range(8) if not torch.equal(on.out[layer], off.out[layer])]
     assert changed == [6, 7]
     cfg = StepFlowConfig(smi=False, tau_max=0.9)  # OEB on the bottom quarter: layers 0, 1 (and all after)
     on = record(model, tok, traces, cfg)
@@ -115,7 +117,7 @@ def test_only_band_layers_change(tokenizers, traces):
 def _decode_logits(model, tok, traces, cfg, static=False):
     """Teacher-forced *decoding* (KV cache, one token per step, left-padded batch) under stepscope.enabled;
     ``static``: a preallocated cache longer than the sequences (its empty slots must read as ``other``)."""
-    from stepscope.generation import left_pad, positions
+    from stepscope.batch import left_pad, positions
 
     P = max(t.prompt_len for t in traces)
     prompts = [t.token_ids[: t.prompt_len] for t in traces]
@@ -163,7 +165,7 @@ def test_decode_form_equals_full_pass_form(tokenizers, family, static):
 def test_decoding_without_stepflow_prefill_starts_smi_sums_from_the_keys(tokenizers, family, static):
     """StepFlow switched on after a plain prefill (a cached prompt): the first decoding step finds no running sums,
     averages by a pass over the keys and starts the sums there; logits still equal the full pass."""
-    from stepscope.generation import left_pad, positions
+    from stepscope.batch import left_pad, positions
     from stepscope.labels import RowLabeler
     from stepscope.profiles import get_profile
     from stepscope.stepflow.handle import stepflow_session
@@ -229,7 +231,7 @@ def test_transformers_generate_static_cache_left_padded_batch(tokenizers, family
     model = tiny_model(family, tok, layers=4)
     qs = ["What is 2+3?", "The farmer has 12 sheep and buys 7 more. How many sheep now?"]
     ours = stepscope.generate(model, tok, qs, max_new_tokens=20, progress=False, stepflow=STRONG, batch_size=2)
-    from stepscope.generation import left_pad
+    from stepscope.batch import left_pad
 
     ids, mask = left_pad([t.token_ids[: t.prompt_len] for t in ours], tok.pad_token_id, "cpu")
     with stepscope.enabled(model, tok, STRONG) as handle:
@@ -256,9 +258,8 @@ def test_restored_after_context_and_after_exception(tokenizers, traces):
     with stepscope.enabled(model, tok, STRONG):
         assert _snapshot(model) != before
     assert _snapshot(model) == before
-    with pytest.raises(RuntimeError, match="boom"):
-        with stepscope.enabled(model, tok, STRONG):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), stepscope.enabled(model, tok, STRONG):
+        raise RuntimeError("boom")
     assert _snapshot(model) == before
     handle = stepscope.apply(model, tok, STRONG)
     handle.remove()
@@ -300,3 +301,53 @@ def test_default_model_zero_strength_identical_and_decode_equals_full(default_mo
     dec, _ = _decode_logits(model, tok, [t], cfg)
     full = teacher_forced_logits(model, tok, [t], cfg)[0, t.prompt_len - 1 : len(t) - 1]
     torch.testing.assert_close(dec[0], full, rtol=1e-3, atol=2e-3)
+
+
+def _tiny_falcon(tok):
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_a_model_bypassing_the_attention_interface_is_refused_as_step_saliency_refuses_it(tokenizers, traces):
+    # Falcon computes attention itself: StepFlow's handler would never run (zero edits, no error) without the check
+    from stepscope.errors import UnsupportedModelError
+
+    tok = tokenizers["think"]
+    model = _tiny_falcon(tok)
+    before = _snapshot(model)
+    with pytest.raises(UnsupportedModelError) as flow:
+        stepscope.enabled(model, tok, STRONG)
+    with pytest.raises(UnsupportedModelError) as saliency:
+        stepscope.step_saliency(model, tok, traces[0], progress=False)
+    assert "FalconForCausalLM" in str(flow.value) and "AttentionInterface" in str(flow.value)
+    assert str(flow.value) == str(saliency.value)
+    assert _snapshot(model) == before  # the probe left nothing behind
+    with pytest.raises(UnsupportedModelError, match="FalconForCausalLM"):
+        stepscope.generate(model, tok, QUESTIONS[0], max_new_tokens=2, stepflow=STRONG, progress=False)
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-config", "other-config"])
+def test_generate_with_stepflow_inside_enabled(tokenizers, same):
+    """The innermost StepFlow acts while it is installed; leaving it hands back to the outer one, intact."""
+    tok = tokenizers["think"]
+    model = tiny_model("llama", tok, layers=4)
+    inner = STRONG if same else StepFlowConfig(tau_max=0.3, alpha=0.5, smi_at_summary=True)
+    kw = dict(max_new_tokens=12, progress=False)
+    alone = stepscope.generate(model, tok, QUESTIONS, stepflow=inner, **kw)
+    plain = stepscope.generate(model, tok, QUESTIONS, **kw)
+    before = _snapshot(model)
+    ids = tok(QUESTIONS[0], return_tensors="pt").input_ids
+    with stepscope.enabled(model, tok, STRONG) as outer:
+        hf_outer = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        nested = stepscope.generate(model, tok, QUESTIONS, stepflow=inner, **kw)
+        # the outer handle works again once the inner one is gone
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id),
+                           hf_outer)
+        assert outer.row_stats()[0]["oeb_edit_rate"] is not None
+    assert _snapshot(model) == before
+    assert [t.token_ids for t in nested] == [t.token_ids for t in alone]
+    assert [t.meta["stepflow"] for t in nested] == [t.meta["stepflow"] for t in alone]
+    assert [t.token_ids for t in stepscope.generate(model, tok, QUESTIONS, **kw)] == [t.token_ids for t in plain]

@@ -6,9 +6,9 @@ from stepscope.stepflow import parse_layers
 
 def test_default_bands_round_up():
     r = StepFlowConfig().resolve(30)
-    assert r.oeb_layers == frozenset(range(0, 8)) and r.smi_layers == frozenset(range(22, 30))
+    assert r.oeb_layers == frozenset(range(8)) and r.smi_layers == frozenset(range(22, 30))
     r = StepFlowConfig().resolve(28)  # R1-Distill-Qwen-7B
-    assert r.oeb_layers == frozenset(range(0, 7)) and r.smi_layers == frozenset(range(21, 28))
+    assert r.oeb_layers == frozenset(range(7)) and r.smi_layers == frozenset(range(21, 28))
     assert "OEB on layers 0-6" in r.describe() and "SMI on layers 21-27" in r.describe()
 
 

@@ -31,7 +31,8 @@ def test_think_profile_spans(tokenizers):
     trace, warns = seg(tok, r)
     assert trace.profile == "think"
     # whitespace stays with the step before; the marker is glued to the last thinking step
-    assert raw_texts(trace, "thinking") == ["First, add 3 and 4 to get 7.", " Then multiply 7 by 2 to get 14.\n</think>"]
+    assert raw_texts(trace, "thinking") == ["First, add 3 and 4 to get 7.",
+                                            " Then multiply 7 by 2 to get 14.\n</think>"]
     assert raw_texts(trace, "summary") == ["\n\nThe answer is 14.<|im_end|>"]
     assert not warns
     # spans: the question is tokens 1..prompt_len, everything after is covered in order
@@ -44,13 +45,15 @@ def test_think_profile_spans(tokenizers):
 def test_decimals_never_split(tokenizers):
     r = "Pi is about 3.14 and we round it. Next we compute the area of the circle.</think>ok"
     trace, _ = seg(tokenizers["think"], r)
-    assert texts(trace, "thinking") == ["Pi is about 3.14 and we round it.", "Next we compute the area of the circle.</think>"]
+    assert texts(trace, "thinking") == ["Pi is about 3.14 and we round it.",
+                                        "Next we compute the area of the circle.</think>"]
 
 
 def test_short_fragments_merge_into_next(tokenizers):
     r = "1. First we add the numbers together. 2. Then we subtract the rest.</think>5"
     trace, _ = seg(tokenizers["think"], r)
-    assert texts(trace, "thinking") == ["1. First we add the numbers together.", "2. Then we subtract the rest.</think>"]
+    assert texts(trace, "thinking") == ["1. First we add the numbers together.",
+                                        "2. Then we subtract the rest.</think>"]
 
 
 def test_question_mark_exclamation_and_blank_line(tokenizers):

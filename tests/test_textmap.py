@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,4 +32,4 @@ def test_streaming_equals_offline(tokenizers):
     dec = IncrementalDecoder(tok)
     assert [dec.push(i) for i in ids] == token_texts(tok, ids)
     offs = offsets_from_texts(token_texts(tok, ids))
-    assert offs[0][0] == 0 and all(a[1] == b[0] for a, b in zip(offs, offs[1:]))
+    assert offs[0][0] == 0 and all(a[1] == b[0] for a, b in pairwise(offs))

@@ -76,6 +76,32 @@ def test_live_labels_are_final_for_single_token_markers(tokenizers, text):
     assert [(x.segment, x.step) for x in live] == [(x.segment, x.step) for x in labels]
 
 
+@pytest.mark.parametrize("profile", ["think", "harmony", "plain"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(FRAGMENTS + ["</", "think", ">", "Final", " answer", ":", "<|channel|>"]),
+                       max_size=40))
+def test_live_labels_once_certain_are_final(tokenizers, profile, pieces):
+    """Markers split over tokens: a token's label is final once it is not pending (its own push or a later
+    correction), so StepFlow never acts on a label that changes (the plain last-paragraph fallback aside)."""
+    tok = tokenizers[profile]
+    p = prompt(tok)
+    ids = p + [i for piece in pieces for i in tok(piece, add_special_tokens=False)["input_ids"]]
+    prof = PROFILES[profile]
+    tracker = StepTracker(tok, prof, ids[:len(p)])
+    seen = []
+    for t in ids[len(p):]:
+        lab = tracker.push(t)
+        for j, fixed in tracker.resolved:
+            assert seen[j] is None  # only pending tokens are corrected, once
+            seen[j] = (fixed.segment, fixed.step)
+        seen.append(None if lab.pending else (lab.segment, lab.step))
+    final, _ = tracker.finish()
+    fallback = prof.answer_line and tracker._final_summary is None
+    for got, want in zip(seen, final):
+        if got is not None and not fallback:
+            assert got == (want.segment, want.step)
+
+
 def test_new_step_flags_mark_first_tokens(tokenizers):
     tok = tokenizers["think"]
     p = prompt(tok)

@@ -4,7 +4,8 @@ from transformers import GptOssConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from stepscope.windows import layer_windows, sees_bridge
 
-SMALL = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64}
+SMALL = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "vocab_size": 64}
 
 
 def test_full_attention_families_have_no_windows():

@@ -20,6 +20,7 @@ _LAZY = {
     "PROFILES": "profiles",
     "get_profile": "profiles",
     "generate": "generation",
+    "SamplingConfig": "sampling",
     "load_model": "models",
     "StepSaliency": "saliency",
     "step_saliency": "saliency",
@@ -43,6 +44,7 @@ __all__ = [
     "PROFILES",
     "AnalysisConfig",
     "FormatProfile",
+    "SamplingConfig",
     "Step",
     "StepFlowConfig",
     "StepSaliency",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors; at run ti
         plot_metric_curves,
         plot_step_map,
     )
+    from .sampling import SamplingConfig
     from .stepflow import StepFlowConfig, apply, enabled
     from .trace import Step, Trace
 

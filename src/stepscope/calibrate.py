@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text_atomic
+from .bands import Bands
+from .defaults import BAND_FRACTION
 from .errors import StepscopeError
 from .stepflow.config import StepFlowConfig
 from .windows import layer_windows, sees_bridge
@@ -85,9 +88,7 @@ class Calibration:
         if path.suffix != ".json":
             path = path / "bands.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2))
         written = [path]
         if plot:
             written.append(self.plot(path.with_suffix(".png")))
@@ -110,7 +111,8 @@ class Calibration:
                 lo = np.array([np.nan if c[0] is None else c[0] for c in ci], dtype=float)
                 hi = np.array([np.nan if c[1] is None else c[1] for c in ci], dtype=float)
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
-        for layers, colour, label in ((self.oeb_layers, "tab:blue", "OEB band"), (self.smi_layers, "tab:red", "SMI band")):
+        bands = ((self.oeb_layers, "tab:blue", "OEB band"), (self.smi_layers, "tab:red", "SMI band"))
+        for layers, colour, label in bands:
             if layers:
                 ax.axvspan(min(layers) - 0.5, max(layers) + 0.5, color=colour, alpha=0.08, label=label)
         for i, w in enumerate(self.windows):
@@ -150,11 +152,12 @@ def choose_block(scores: Sequence[float | None], size: int, *, lowest: bool,
     n = len(scores)
     if size < 1 or size > n:
         raise StepscopeError(f"band size {size} does not fit {n} layers")
-    ok = [s is not None and not math.isnan(float(s)) and (eligible is None or eligible[i]) for i, s in enumerate(scores)]
+    values = [math.nan if s is None else float(s) for s in scores]
+    ok = [not math.isnan(v) and (eligible is None or eligible[i]) for i, v in enumerate(values)]
     means: list[float | None] = []
     for start in range(n - size + 1):
         if all(ok[start:start + size]):
-            means.append(float(np.mean([float(scores[i]) for i in range(start, start + size)])))  # type: ignore[arg-type]
+            means.append(float(np.mean(values[start:start + size])))
         else:
             means.append(None)
     candidates = [(m, i) for i, m in enumerate(means) if m is not None]
@@ -187,7 +190,7 @@ def _mean_curves(results, n_boot: int = 1000, seed: int = 0):
 
 
 def calibrate_from_saliency(results: Sequence, *, windows: Sequence[int | None] | None = None,
-                            band_fraction: float = 0.25, model: str | None = None) -> Calibration:
+                            band_fraction: float = BAND_FRACTION, model: str | None = None) -> Calibration:
     """Choose bands from already computed :class:`~stepscope.saliency.StepSaliency` results."""
     results = list(results)
     if not results:
@@ -195,7 +198,7 @@ def calibrate_from_saliency(results: Sequence, *, windows: Sequence[int | None] 
     n_layers = results[0].num_layers
     if any(r.num_layers != n_layers for r in results):
         raise StepscopeError("the saliency results come from models with different numbers of layers")
-    size = max(1, math.ceil(n_layers * band_fraction))
+    size = Bands(n_layers, band_fraction).size
     windows = list(windows) if windows is not None else [None] * n_layers
     if len(windows) != n_layers:
         raise StepscopeError(f"got {len(windows)} layer windows for {n_layers} layers")
@@ -205,7 +208,8 @@ def calibrate_from_saliency(results: Sequence, *, windows: Sequence[int | None] 
     reasons: dict[str, str] = {}
     default = StepFlowConfig(band_fraction=band_fraction).resolve(n_layers)
     oeb_scores = curves.get(OEB_METRIC)
-    oeb_start, oeb_blocks = (None, [])
+    oeb_start: int | None = None
+    oeb_blocks: list[float | None] = []
     if oeb_scores is not None:
         oeb_start, oeb_blocks = choose_block(oeb_scores, size, lowest=True, eligible=eligible)
     if oeb_start is None:
@@ -222,7 +226,8 @@ def calibrate_from_saliency(results: Sequence, *, windows: Sequence[int | None] 
         if skipped:
             reasons["oeb"] += f"; layers {_list(skipped)} excluded (their window does not reach the question)"
     smi_scores = curves.get(SMI_METRIC)
-    smi_start, smi_blocks = (None, [])
+    smi_start: int | None = None
+    smi_blocks: list[float | None] = []
     if smi_scores is not None:
         smi_start, smi_blocks = choose_block(smi_scores, size, lowest=False)
     if smi_start is None:
@@ -240,8 +245,9 @@ def _list(xs: Sequence[int]) -> str:
     return ",".join(str(x) for x in xs)
 
 
-def calibrate(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 256, band_fraction: float = 0.25,
-              batch_size: int = 8, temperature: float = 0.0, seed: int = 0, progress: bool = True) -> Calibration:
+def calibrate(model, tokenizer, questions: Sequence[str], *, max_new_tokens: int = 256,
+              band_fraction: float = BAND_FRACTION, batch_size: int = 8, temperature: float = 0.0, seed: int = 0,
+              progress: bool = True) -> Calibration:
     """Generate baseline traces for ``questions``, measure Step-Saliency, and choose the bands."""
     from .generation import generate
     from .saliency import step_saliency
@@ -309,7 +315,7 @@ def score_grid(model, tokenizer, problems: Sequence, calibration: Calibration, *
         return np.array([g.correct for g in grades], dtype=float)
 
     plain = accuracy(None)
-    rows = []
+    rows: list[dict[str, Any]] = []  # one JSON row per grid setting
     for tau in taus:
         for alpha in alphas:
             cfg = StepFlowConfig(**{**base.to_dict(), "tau_max": float(tau), "alpha": float(alpha)})

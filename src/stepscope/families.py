@@ -37,31 +37,6 @@ FAMILIES: dict[str, FamilyFacts] = {
 }
 
 
-@dataclass(frozen=True)
-class KnownModel:
-    """Published reasoning models and their depth, for documenting layer bands."""
-
-    name: str
-    model_type: str
-    num_layers: int
-    profile: str
-
-
-KNOWN_MODELS: tuple[KnownModel, ...] = (
-    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "qwen2", 28, "think"),
-    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen2", 28, "think"),
-    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "qwen2", 48, "think"),
-    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "qwen2", 64, "think"),
-    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "llama", 32, "think"),
-    KnownModel("Qwen/QwQ-32B", "qwen2", 64, "think"),
-    KnownModel("Qwen/Qwen3-8B", "qwen3", 36, "think"),
-    KnownModel("Qwen/Qwen3-14B", "qwen3", 40, "think"),
-    KnownModel("openai/gpt-oss-20b", "gpt_oss", 24, "harmony"),
-    KnownModel("openai/gpt-oss-120b", "gpt_oss", 36, "harmony"),
-    KnownModel("HuggingFaceTB/SmolLM2-135M-Instruct (default)", "llama", 30, "plain"),
-)
-
-
 def family_facts(model) -> FamilyFacts | None:
     """Facts for ``model``'s family, or None when its layout is unknown (generic fallbacks apply)."""
     facts = FAMILIES.get(getattr(model.config, "model_type", ""))
@@ -112,10 +87,3 @@ def postprocess_logits(model, logits):
         logits = cap * (logits / cap).tanh()
     return logits
 
-
-def layer_band(num_layers: int, fraction: float = 0.25) -> tuple[range, range]:
-    """(shallow, deep): the bottom and top ``fraction`` of layers, rounded up."""
-    import math
-
-    k = max(1, math.ceil(num_layers * fraction))
-    return range(0, k), range(num_layers - k, num_layers)

@@ -10,31 +10,23 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .batch import model_device, pad_batch
+from .batch import pad_id as batch_pad_id
 from .errors import StepscopeError
 from .labels import RowLabeler
 from .profiles import FormatProfile, get_profile
 from .prompting import prompt_ids as build_prompt_ids
+from .sampling import SamplingConfig, StopStrings, _stop_strings, logits_processors
 from .trace import Trace
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise StepscopeError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise StepscopeError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise StepscopeError("top_p must be in (0, 1]")
+__all__ = ["DecodingConfig", "SamplingConfig", "generate"]  # SamplingConfig lives in stepscope.sampling
 
 
 CACHES = ("dynamic", "static")
@@ -80,6 +72,10 @@ def generate(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: str | Sequence[str] = (),
     seed: int = 0,
     seeds: list[int] | None = None,
     batch_size: int = 8,
@@ -94,9 +90,15 @@ def generate(
 ) -> list[Trace]:
     """Generate a response to each prompt (a user question) and return one segmented trace per prompt.
 
-    Greedy when ``temperature == 0``; otherwise temperature + nucleus (``top_p``) sampling, with row ``i``
-    seeded by ``seeds[i]`` (default ``seed + i``). ``stepflow``: a :class:`stepscope.StepFlowConfig` to generate
-    with StepFlow on; each trace's ``meta["stepflow"]`` then holds what it did. ``ignore_eos``: always generate
+    Greedy when ``temperature == 0``; otherwise sampling at that temperature, with row ``i`` seeded by
+    ``seeds[i]`` (default ``seed + i``). ``top_k`` (0: off), ``top_p`` (1: off) and ``min_p`` (0: off) filter
+    what is sampled; ``repetition_penalty`` (1: off) applies to greedy decoding too; ``stop``: strings that end a
+    row once its generated text contains one (the token completing it is kept; ``meta["stop"]`` is then
+    ``"stop_string"``). They run through transformers' own logits processors, in ``model.generate``'s order (see
+    :mod:`stepscope.sampling`); Qwen3's thinking setting is ``temperature=0.6, top_p=0.95, top_k=20, min_p=0``.
+    Each trace's ``meta["sampling"]`` records every sampling setting. ``stepflow``: a
+    :class:`stepscope.StepFlowConfig` to generate with StepFlow on; each trace's ``meta["stepflow"]`` then holds
+    what it did. ``ignore_eos``: always generate
     ``max_new_tokens`` (for timing). ``cache_implementation``: ``"dynamic"`` (default) or ``"static"`` (a
     preallocated cache; StepFlow labels are sized to it). ``compile``: decode with a ``torch.compile``d step
     (True picks CUDA graphs on a GPU; or give a mode such as ``"default"``); implies the static cache. Tokens
@@ -109,7 +111,10 @@ def generate(
         raise StepscopeError("no prompts to generate from")
     if batch_size < 1:
         raise StepscopeError("batch_size must be at least 1")
-    sampling = SamplingConfig(max_new_tokens, temperature, top_p)
+    if max_new_tokens < 1:
+        raise StepscopeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    # a lone string is one stop string: normalised (and checked) into the tuple the config holds
+    sampling = SamplingConfig(temperature, top_p, top_k, min_p, repetition_penalty, _stop_strings(stop))
     decoding = DecodingConfig.of(cache_implementation, compile, next(model.parameters()).device)
     prof = get_profile(profile, tokenizer)
     if seeds is None:
@@ -118,7 +123,7 @@ def generate(
         raise StepscopeError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     ids = [build_prompt_ids(tokenizer, p, system=system, chat=chat) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
-    for p, q in zip(ids, prompts):
+    for p in ids:
         if context and len(p) >= context:
             raise StepscopeError(
                 f"a prompt of {len(p)} tokens does not fit the model's context of {context} tokens; shorten it"
@@ -126,38 +131,63 @@ def generate(
 
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar lengths share a batch
     out: list[Trace | None] = [None] * len(prompts)
-    bar = _progress(len(prompts), progress)
+    bar = _TokenProgress(len(prompts), max_new_tokens, progress)
     name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        new_tokens = sampling.max_new_tokens
-        longest = max(len(ids[i]) for i in rows)
-        if context and longest + new_tokens > context:
-            new_tokens = context - longest
-            warnings.warn(f"max_new_tokens cut to {new_tokens} to stay within the model's context of {context}")
-        batch = _generate_batch(
-            model, tokenizer, prof, [ids[i] for i in rows], [seeds[i] for i in rows],
-            SamplingConfig(new_tokens, sampling.temperature, sampling.top_p), stepflow, ignore_eos, decoding,
-        )
-        for i, (resp, labels, note, meta) in zip(rows, batch):
-            meta.update(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=seeds[i])
-            out[i] = Trace.from_ids(
-                tokenizer, ids[i] + resp, len(ids[i]), question=prompts[i], profile=prof, model=name,
-                meta=meta, labels=labels, note=note,
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            new_tokens = max_new_tokens
+            longest = max(len(ids[i]) for i in rows)
+            if context and longest + new_tokens > context:
+                new_tokens = context - longest
+                warnings.warn(f"max_new_tokens cut to {new_tokens} to stay within the model's context of {context}",
+                              stacklevel=2)
+                bar.tokens((max_new_tokens - new_tokens) * len(rows))  # budget these rows will never use
+            batch = _generate_batch(
+                model, tokenizer, prof, [ids[i] for i in rows], [seeds[i] for i in rows], sampling, new_tokens,
+                stepflow, ignore_eos, decoding, tick=bar.tokens,
             )
-        if bar is not None:
-            bar.update(len(rows))
-    if bar is not None:
+            for i, (resp, labels, note, meta) in zip(rows, batch):
+                # "stop" in meta is why the row stopped; the stop strings are in meta["sampling"]["stop"]
+                meta.update(max_new_tokens=new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                            seed=seeds[i], sampling=sampling.to_dict())
+                out[i] = Trace.from_ids(
+                    tokenizer, ids[i] + resp, len(ids[i]), question=prompts[i], profile=prof, model=name,
+                    meta=meta, labels=labels, note=note,
+                )
+            bar.prompts_done(len(rows))
+    finally:
         bar.close()
     return out  # type: ignore[return-value]
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled or total < 2:
-        return None
-    from .progress import bar  # on stderr; plain periodic lines when stderr is a log
+class _TokenProgress:
+    """The generation bar: generated tokens out of ``prompts x max_new_tokens``, so it moves within one batch
+    (and for a single question). Each decode step adds the rows still generating; a row that stops early (end of
+    sequence, a stop string) is credited its unused budget then, so the bar ends exactly at its total."""
 
-    return bar(total, "generating", "prompt")
+    def __init__(self, prompts: int, max_new_tokens: int, enabled: bool):
+        from . import progress  # on stderr; plain periodic lines when stderr is a log
+
+        self._prompts, self._done = prompts, 0
+        self.bar = progress.bar(prompts * max_new_tokens, "generating", "token", enabled=enabled)
+        if prompts > 1:
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def _postfix(self) -> str:
+        return f"prompts {self._done}/{self._prompts}"
+
+    def tokens(self, n: int) -> None:
+        if n:
+            self.bar.update(n)
+
+    def prompts_done(self, n: int) -> None:
+        self._done += n
+        if self._prompts > 1:
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -207,31 +237,19 @@ def compiled_forward(mode: str):
     return _COMPILED[mode]
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: SamplingConfig, stepflow, ignore_eos=False,
-                    decoding: DecodingConfig = DecodingConfig()):
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: SamplingConfig, max_new_tokens: int,
+                    stepflow, ignore_eos=False, decoding: DecodingConfig = DecodingConfig(),
+                    tick: Callable[[int], None] | None = None):
+    """Decode one left-padded batch. ``tick(n)``: called with the number of tokens generated (plus the unused
+    budget of rows that stopped) after each decode step, for a progress bar."""
+    device = model_device(model)
+    pad_id = batch_pad_id(tokenizer)
     stops = set() if ignore_eos else eos_ids(model, tokenizer)
     B = len(prompts)
-    input_ids, mask = left_pad(prompts, pad_id, device)
-    pos = positions(mask)
-    width = input_ids.shape[1]
+    first = pad_batch(model, tokenizer, prompts)
+    input_ids, mask, pos, width = first.ids, first.mask, first.positions, first.width
     static = decoding.cache == "static"
-    span = width + sampling.max_new_tokens
+    span = width + max_new_tokens
     if static:
         span = -(-span // STATIC_BUCKET) * STATIC_BUCKET
         # one fixed-width mask for every call (slots past the current length are masked as the future)
@@ -241,24 +259,37 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
     gens = None
     if sampling.temperature > 0:
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    # transformers' processors, row by row; the repetition penalty skips each row's left padding
+    processors = logits_processors(sampling, pad_lengths=[width - len(p) for p in prompts])
+    stop_strings = StopStrings(sampling.stop, B)
     responses: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
     reasons = ["length"] * B
+    matched: list[str | None] = [None] * B
     cache = new_static_cache(model, span) if static else new_cache(model)
     fwd = {cache_kwarg(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         fwd["logits_to_keep"] = 1
     step_fn = compiled_forward(decoding.compile) if decoding.compile else _forward_last
-    session = nullcontext(None)
+    session: AbstractContextManager[Any] = nullcontext(None)  # yields the StepFlow handle, or None
     if stepflow is not None:
         from .stepflow.handle import stepflow_session
 
         session = stepflow_session(model, tokenizer, stepflow, labeler)
     t0 = time.perf_counter()
     with session as sf, torch.inference_mode():
+        # prompt + generated ids per row, what the repetition penalty looks at (finished rows' columns: unused)
+        history = None
+        if sampling.repetition_penalty != 1.0:
+            history = torch.cat([input_ids, input_ids.new_full((B, max_new_tokens), pad_id)], dim=1)
         logits = _forward_last(model, input_ids, mask, pos, fwd)
-        for step in range(sampling.max_new_tokens):
-            chosen = _choose(logits, sampling, gens).tolist()  # the one host read per token
+        for step in range(max_new_tokens):
+            picked = _choose(logits, processors, history[:, : width + step] if history is not None else input_ids,
+                             gens)
+            if history is not None:
+                history[:, width + step] = picked
+            chosen = picked.tolist()  # the one host read per token
+            live = B - sum(finished)
             step_tokens: list[int | None] = []
             for b in range(B):
                 if finished[b]:
@@ -267,10 +298,19 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
                 responses[b].append(chosen[b])
                 step_tokens.append(chosen[b])
             labeler.push(step_tokens)  # labels of this token reach the device before its forward call
+            unused = 0
             for b in range(B):
-                if not finished[b] and responses[b][-1] in stops:
+                if step_tokens[b] is None:
+                    continue
+                if responses[b][-1] in stops:
                     finished[b], reasons[b] = True, "eos"
-            if all(finished) or step == sampling.max_new_tokens - 1:
+                elif stop_strings and (hit := stop_strings.push(b, labeler.trackers[b].texts[-1])) is not None:
+                    finished[b], reasons[b], matched[b] = True, "stop_string", hit
+                if finished[b]:
+                    unused += max_new_tokens - len(responses[b])
+            if tick is not None:
+                tick(live + unused)
+            if all(finished) or step == max_new_tokens - 1:
                 break
             feed = torch.tensor([pad_id if t is None else t for t in step_tokens], device=device)[:, None]
             if not static:
@@ -278,26 +318,38 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
             pos = pos[:, -1:] + 1
             logits = step_fn(model, feed, mask, pos, fwd)
         stats = sf.row_stats() if sf is not None else None
+        flows = sf.flow_tokens() if sf is not None else None  # the flow monitor's per-token bridge masses
     elapsed = time.perf_counter() - t0
     out = []
     for b in range(B):
         labels, note = labeler.trackers[b].finish()
         meta = {"stop": reasons[b], "new_tokens": len(responses[b]), "batch_seconds": round(elapsed, 3)}
+        if matched[b] is not None:
+            meta["stop_string"] = matched[b]
         if decoding != DecodingConfig():
             meta["decoding"] = {"cache": decoding.cache, "compile": decoding.compile}
         if stats is not None:
             meta["stepflow"] = stats[b]
+        if flows:
+            from .stepflow.monitor import FlowRecord, thinking_spans
+
+            record = FlowRecord.from_tokens(flows[b], thinking_spans(labels, len(prompts[b])),
+                                            sf.resolved.oeb_layers, sf.resolved.smi_layers)
+            meta["flow"] = record.to_dict()
         out.append((responses[b], labels, note, meta))
     return out
 
 
-def _choose(logits: torch.Tensor, sampling: SamplingConfig, gens) -> torch.Tensor:
+def _choose(logits: torch.Tensor, processors, seen_ids: torch.Tensor, gens) -> torch.Tensor:
+    """The next token of every row: ``processors(seen_ids, logits)`` (transformers' logits processors, see
+    :func:`stepscope.sampling.logits_processors`), then the argmax (``gens`` None: greedy) or one draw per row
+    from its own generator."""
+    if gens is not None or processors:
+        if logits.dtype not in (torch.float32, torch.float64):  # filters and penalties compare values: not in 16 bits
+            logits = logits.float()
+        if processors:
+            logits = processors(seen_ids, logits)
     if gens is None:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    probs = torch.softmax(logits, dim=-1)
     return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])

@@ -46,6 +46,7 @@ def load_model(
     """
     device = _resolve_device(device, device_map)
     torch_dtype = _resolve_dtype(dtype, device)
+    path: str | Path
     if name_or_path == "default":
         path = default_model_path()
     elif name_or_path == "organism":
@@ -241,7 +242,7 @@ def default_gguf_file() -> Path:
         ) from None
     for f in dist.files or []:
         if f.name.endswith(".gguf"):
-            path = Path(dist.locate_file(f))
+            path = Path(str(dist.locate_file(f)))  # a SimplePath in the types, a pathlib.Path in practice
             if path.exists():
                 return path
     raise ModelNotFoundError(f"{DEFAULT_MODEL_PACKAGE} is installed but holds no .gguf file; reinstall it")
@@ -260,8 +261,8 @@ def default_model_path() -> Path:
     gguf = default_gguf_file()
     log.warning("converting the default model from GGUF (once; cached in %s)", target)
     t0 = time.perf_counter()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     try:
@@ -273,7 +274,7 @@ def default_model_path() -> Path:
         if hasattr(model.config, attr):
             delattr(model.config, attr)
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # torch types unknown module attributes as Tensor | Module
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

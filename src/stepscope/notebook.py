@@ -345,7 +345,7 @@ def results_to_pandas(source) -> pandas.DataFrame:
     from pathlib import Path
 
     from .errors import StepscopeError
-    from .evaluation.runner import merge_results
+    from .evaluation.store import merge_results
 
     pd = _pandas()
     if isinstance(source, (str, Path)) and not Path(source).exists():

@@ -6,7 +6,6 @@ same for every profile (see :mod:`stepscope.steps`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from .errors import StepscopeError
@@ -17,8 +16,13 @@ class FormatProfile:
     """How a response splits into thinking and summary.
 
     ``summary_after``: a regex; the summary starts at the first token after the token that completes the first
-    match (the marker itself stays in thinking). ``answer_line``: a regex; the summary starts at the later of the
-    beginning of the line and the beginning of the sentence holding the first match. ``last_paragraph``: with no marker, the last paragraph is the summary.
+    match (the marker itself stays in thinking). ``answer_line``: a regex; when only markup (no letter or digit)
+    stands between the first match and the later of the beginning of its line and of its thinking step, the summary
+    starts there (``Final answer: 7`` on its own line, ``**The answer is 7**``); a match inside a sentence
+    (``so the answer is 7``) is glued to thinking like a closing marker, and the summary starts at the token after
+    the one completing it. Both are decidable while generating, a few characters after the marker begins (see
+    :mod:`stepscope.tracker`). ``last_paragraph``: with no marker, the last paragraph is the summary (known only
+    once the response is finished; StepFlow sees it as thinking).
     ``max_marker_chars`` bounds how far back a streaming matcher must look.
     """
 
@@ -94,11 +98,8 @@ def detect_profile(tokenizer) -> FormatProfile:
 def _vocab_lookup(tokenizer):
     try:
         vocab = tokenizer.get_vocab()
-    except Exception:  # tokenizers without a materialised vocab
+    except Exception:  # noqa: BLE001 - any tokenizer without a materialised vocab (or none at all) checks no vocab
         vocab = {}
     added = {str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
     return lambda tok: tok in vocab or tok in added
 
-
-def compile_marker(pattern: str | None) -> re.Pattern | None:
-    return re.compile(pattern) if pattern else None

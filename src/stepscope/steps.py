@@ -96,12 +96,14 @@ def plan_response(text: str, response_start: int, profile: FormatProfile) -> Res
         by_anchor = True
         m = re.compile(profile.answer_line).search(text, response_start)
         if m:
-            line = text.rfind("\n", response_start, m.start()) + 1 or response_start
-            line = max(line, response_start)
-            # the later of the line start and the start of the sentence (step) holding the marker
-            line_anchor = _first_nonws(text, line, m.start() + 1)
-            before = piece_boundaries(text, response_start, m.start() + 1, THINKING_RULE)
-            summary_start = think_end = max([line_anchor] + before[-1:])
+            c = answer_candidate(text, response_start, m.start())
+            if is_lead(text, c, m.start()):
+                # the marker opens its line or step (after markup at most): the summary starts there
+                summary_start = think_end = c
+            else:
+                # a marker inside a sentence is glued to the thinking step holding it, like a closing marker;
+                # the summary starts at the first token after the one completing it
+                summary_start, think_end, by_anchor = m.end(), m.start(), False
         elif profile.last_paragraph:
             breaks = paragraph_breaks(text, response_start, end)
             if breaks:
@@ -113,6 +115,20 @@ def plan_response(text: str, response_start: int, profile: FormatProfile) -> Res
     if summary_start is not None:
         summary = piece_boundaries(text, summary_start, end, SUMMARY_RULE)
     return ResponsePlan(summary_start, by_anchor, tuple(thinking), tuple(summary), note)
+
+
+def answer_candidate(text: str, response_start: int, at: int) -> int:
+    """Where a summary whose answer marker starts at ``at`` would begin: the later of the first non-whitespace
+    character of the line holding ``at`` and the start of the thinking step holding it."""
+    line = max(text.rfind("\n", response_start, at) + 1, response_start)
+    line_anchor = _first_nonws(text, line, at + 1)
+    before = piece_boundaries(text, response_start, at + 1, THINKING_RULE)
+    return min(max([line_anchor] + before[-1:]), at)
+
+
+def is_lead(text: str, a: int, b: int) -> bool:
+    """Whether ``text[a:b]`` is markup only (no letter or digit): ``**``, ``- ``, ``#``, quotes, ..."""
+    return not any(text[i].isalnum() for i in range(a, b))
 
 
 def _first_nonws(text: str, a: int, b: int) -> int:
@@ -146,3 +162,73 @@ def label_response_tokens(
         bounds = plan.summary_bounds if in_summary else plan.thinking_bounds
         labels.append(TokenLabel("summary" if in_summary else "thinking", bisect.bisect_right(bounds, anchor)))
     return labels
+
+
+def pending_tokens(
+    text: str, offsets: list[tuple[int, int]], first: int, profile: FormatProfile
+) -> list[tuple[bool, bool]]:
+    """For each token ``first..`` (the response): was it *pending* when it was generated, and was its segment
+    then open (``(pending, segment_open)``)?
+
+    The offline statement of the online tracker's rule (:mod:`stepscope.tracker`), computed from the finished
+    text alone: after token ``i`` (ending at ``e``), while no marker has matched yet, every partial match of the
+    marker within the last ``max_marker_chars`` characters names a place from which labels may still change: the
+    answer line's start when only markup stands between it and the partial marker (the segment is open there), else
+    the first thinking-step boundary inside the partial marker (a closing marker would remove it; only the step
+    is open). Token ``i`` is pending when its anchor is at or past the earliest such place.
+    """
+    import bisect
+
+    import regex
+
+    pattern = profile.summary_after or profile.answer_line
+    out = [(False, False)] * (len(offsets) - first)
+    if not pattern or first >= len(offsets):
+        return out
+    start = offsets[first][0]
+    marker = regex.compile(pattern)
+    full = re.compile(pattern).search(text, start)
+    done_at = full.end() if full else len(text) + 1
+    bounds = piece_boundaries(text, start, len(text), THINKING_RULE)
+    keep = profile.max_marker_chars
+    for n, (a, b) in enumerate(offsets[first:]):
+        if b >= done_at:
+            break
+        w0 = max(start, b - keep)
+        window = text[w0:b]
+        best = None
+        i = 0
+        while i <= len(window):
+            m = marker.search(window, i, partial=True)
+            if m is None:
+                break
+            h, empty = w0 + m.start(), m.start() == len(window)
+            cand = None
+            if profile.answer_line:
+                c = _line_candidate(text, start, h, b, empty, bounds)
+                if c is not None and is_lead(text, c, h):
+                    cand = (c, True)
+            if cand is None and not empty:
+                k = bisect.bisect_left(bounds, h)
+                if k < len(bounds) and bounds[k] < b:
+                    cand = (bounds[k], False)
+            if cand is not None and (best is None or cand[0] < best[0] or (cand[0] == best[0] and cand[1])):
+                best = cand
+            i = m.start() + 1
+        if best is not None and token_anchor(text, a, b) >= best[0]:
+            out[n] = (True, best[1])
+    return out
+
+
+def _line_candidate(text: str, start: int, h: int, end: int, empty: bool, bounds: list[int]) -> int | None:
+    """:func:`answer_candidate` for a marker that may start at ``h``, from the text before ``end`` only."""
+    import bisect
+
+    line = max(text.rfind("\n", start, h) + 1, start)
+    anchor = next((i for i in range(line, min(h + 1, end)) if not text[i].isspace()), None)
+    if anchor is None:
+        if empty:
+            return None
+        anchor = h
+    k = bisect.bisect_right(bounds, min(h, end - 1))
+    return min(max([anchor] + bounds[max(0, k - 1) : k]), h)

@@ -8,6 +8,7 @@ layer Llama / Qwen2 / Qwen3 / GPT-OSS model (sinks, sliding-window layers, group
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ TEMPLATES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_bpe(vocab_size: int, profile: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -78,7 +79,7 @@ def tiny_tokenizer(profile: str = "plain", vocab_size: int = 400):
 
 def tiny_config(family: str, vocab_size: int, layers: int = 2):
     """Config of a tiny model of ``family``: llama, qwen2, qwen3, gpt_oss or mistral."""
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
         bos_token_id=None, eos_token_id=None, tie_word_embeddings=False,
@@ -101,7 +102,9 @@ def tiny_config(family: str, vocab_size: int, layers: int = 2):
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         cfg = GptOssConfig(
             **dict(common, intermediate_size=32), head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=6, layer_types=types, experts_implementation="eager",
+            sliding_window=6, layer_types=types,
+            # the config's __init__ takes **kwargs (popped in PreTrainedConfig) that its typed signature omits
+            experts_implementation="eager",  # type: ignore[call-arg]
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
         return cfg

@@ -10,13 +10,14 @@ the same texts by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 
 
 @dataclass
 class IncrementalDecoder:
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (anything with its ``decode``)
     ids: list[int] = field(default_factory=list)
     _prefix: int = 0  # start of the context window
     _read: int = 0  # tokens before this index have been emitted

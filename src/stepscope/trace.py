@@ -12,11 +12,10 @@ import numpy as np
 from .errors import TraceError
 from .profiles import FormatProfile, get_profile
 from .prompting import prompt_ids as build_prompt_ids
+from .segments import Segment
 from .steps import TokenLabel, label_response_tokens, plan_response
 from .textmap import offsets_from_texts, token_texts
 
-SEGMENTS = ("other", "question", "thinking", "summary")
-SEGMENT_ID = {name: i for i, name in enumerate(SEGMENTS)}
 FORMAT_VERSION = 1
 
 
@@ -70,7 +69,7 @@ class Trace:
         meta: dict | None = None,
         labels: list[TokenLabel] | None = None,
         note: str | None = None,
-    ) -> "Trace":
+    ) -> Trace:
         """Segment ``token_ids`` whose first ``prompt_len`` tokens are the prompt.
 
         ``labels`` (final labels of the response tokens, e.g. from the online tracker) skip the offline pass.
@@ -103,7 +102,7 @@ class Trace:
         system: str | None = None,
         chat: bool | None = None,
         model: str | None = None,
-    ) -> "Trace":
+    ) -> Trace:
         """A trace for a response someone already has; ``prompt`` is the user's question (templated as for
         generation). The response is tokenised once, after the prompt, and never re-split into pieces."""
         p_ids = build_prompt_ids(tokenizer, prompt, system=system, chat=chat)
@@ -167,10 +166,10 @@ class Trace:
         return out
 
     def segment_ids(self) -> np.ndarray:
-        """Segment of each token as an index into ``SEGMENTS``."""
+        """Segment of each token as a :class:`~stepscope.segments.Segment` code (0 for tokens in no step)."""
         out = np.zeros(len(self.token_ids), dtype=np.int64)
         for s in self.steps:
-            out[s.start : s.end] = SEGMENT_ID[s.kind]
+            out[s.start : s.end] = Segment.of(s.kind)
         return out
 
     def display_text(self, step: Step) -> str:
@@ -221,7 +220,7 @@ class Trace:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trace":
+    def from_dict(cls, d: dict) -> Trace:
         if not isinstance(d, dict):
             kind = {list: "a JSON array", str: "a JSON string"}.get(type(d), f"a JSON {type(d).__name__}")
             raise TraceError(f"not a stepscope trace: it holds {kind}, not an object; pass one trace file per --trace "
@@ -255,7 +254,7 @@ class Trace:
         return trace
 
     @classmethod
-    def from_json(cls, text: str) -> "Trace":
+    def from_json(cls, text: str) -> Trace:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -269,7 +268,7 @@ class Trace:
         return path
 
     @classmethod
-    def load(cls, path) -> "Trace":
+    def load(cls, path) -> Trace:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from .. import progress as progress_
+from ..defaults import BAND_FRACTION, CHUNK_MB
 from ..errors import StepscopeError
 from ..stepflow import StepFlowConfig
 from ..trace import Trace
@@ -60,8 +60,8 @@ class AnalysisConfig:
 
     condition: str = "baseline"
     target: str = "all"
-    chunk_mb: float = 256.0
-    band_fraction: float = 0.25
+    chunk_mb: float = CHUNK_MB
+    band_fraction: float = BAND_FRACTION
     n_boot: int = 2000
     n_perm: int = 4999
     shuffles: int = 39
@@ -184,7 +184,8 @@ def _gold(g: GradedTrace, data_dir) -> dict | None:
     return locate_worked(worked, g.trace).to_dict() if worked else None
 
 
-def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.PathLike | GradedTrace], config: AnalysisConfig | None = None,
+def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.PathLike | GradedTrace],
+            config: AnalysisConfig | None = None,
             *, model_name: str | None = None, cache: str | os.PathLike | None = None, limit: int | None = None,
             progress: bool = True, data_dir: str | os.PathLike | None = None) -> AnalysisResult:
     """Compare the Step-Saliency of correct and wrong traces of one model (and, optionally, run the mechanism check).
@@ -212,8 +213,15 @@ def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.Path
     main = Intervention("baseline") if config.measure_with is None else Intervention("stepflow", config.measure_with)
 
     def run(items: list[GradedTrace], iv: Intervention, desc: str) -> list[Measured]:
-        return [cached_measure(model, tokenizer, name, g.trace, iv, cache_dir, **opts)
-                for g in tqdm(items, desc=desc, unit="trace", disable=not progress or None, leave=False)]
+        out = []
+        bar = progress_.bar(len(items), desc, "trace", enabled=bool(progress))  # stderr; plain lines in a log
+        try:
+            for g in items:
+                out.append(cached_measure(model, tokenizer, name, g.trace, iv, cache_dir, **opts))
+                bar.update(1)
+        finally:
+            bar.close()
+        return out
 
     usable = [g for g in graded if len(g.trace.steps) >= 2]
     measured = run(usable, main, f"saliency [{name}]")

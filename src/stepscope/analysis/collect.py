@@ -10,13 +10,14 @@ from ..trace import Trace
 
 def graded_traces(run_dir: Path, condition: str) -> list[tuple[dict, Trace]]:
     """(result line, trace) for every sample of ``condition`` in an eval run that saved its traces."""
-    from ..evaluation.runner import merge_results
+    from ..evaluation.store import merge_results
 
     records, _ = merge_results(run_dir)
     rows = [r for r in records if r.get("condition") == condition]
     if not rows:
-        conds = sorted({r.get("condition") for r in records})
-        raise StepscopeError(f"{run_dir} has no samples of condition {condition!r} (it has: {', '.join(conds) or 'none'})")
+        conds = sorted({str(r.get("condition")) for r in records})
+        raise StepscopeError(f"{run_dir} has no samples of condition {condition!r} "
+                             f"(it has: {', '.join(conds) or 'none'})")
     ungraded = sum(1 for r in rows if r.get("correct") is None)
     if ungraded:  # imported without grading: there is no correct / wrong split to analyse
         raise StepscopeError(f"{ungraded} of {len(rows)} samples in {run_dir} are not graded; re-import them with "

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,8 @@ class ScoreComparison:
         def ci(c):
             return None if c is None else {"mean": c.estimate, "low": c.low, "high": c.high, "n": c.n}
 
-        return {"name": self.name, "meaning": self.meaning, "net_of_uniform_null": self.net, "correct": ci(self.correct),
+        return {"name": self.name, "meaning": self.meaning, "net_of_uniform_null": self.net,
+                "correct": ci(self.correct),
                 "wrong": ci(self.wrong), "tests": {k: v.to_dict() for k, v in self.tests.items()},
                 "shuffled_boundary_control": self.control, "verdict": self.verdict}
 
@@ -155,8 +157,12 @@ ADJUSTMENT = ("Length adjustment: least squares of the score on the wrong indica
               "samples of one problem are pooled, from the problem-clustered bootstrap.")
 
 
-def _nan_none(a: np.ndarray):
-    return np.where(np.isnan(a), None, a).tolist()
+def _nan_none(a: np.ndarray) -> list:
+    """Nested lists (any shape) with None for NaN: JSON has no NaN."""
+    arr = np.asarray(a, dtype=float)
+    out = arr.astype(object)
+    out[np.isnan(arr)] = None
+    return out.tolist()
 
 
 def _ci(values: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int) -> stats.ConfidenceInterval | None:
@@ -267,7 +273,8 @@ def paired_adjusted(y, wrong, rows, clusters, *, null=None, n_boot=1000, n_perm=
         return TestColumn(n=len(ids), note="within problems, wrong and correct samples cannot be separated from the "
                           "length covariates (too few samples)")
     codes, k = stats.cluster_codes(cl)
-    yw, gw, Zw = stats.demean_within(y, codes, k), stats.demean_within(wrong.astype(float), codes, k), stats.demean_within(Z, codes, k)
+    yw, gw = stats.demean_within(y, codes, k), stats.demean_within(wrong.astype(float), codes, k)
+    Zw = stats.demean_within(Z, codes, k)
     _, boot = stats.cluster_bootstrap_coef(yw, np.column_stack([gw, Zw]), cl, n_boot=n_boot, seed=seed)
     lo, hi = _quantiles(boot)
     return TestColumn(fl.estimate, lo, hi, fl.p_value, None, stats.mde(fl.null_sd), len(ids),
@@ -368,8 +375,10 @@ def verdict(s: ScoreComparison, headline: str) -> str:
             f"effect: {_f(t.mde, sign=False)})")
 
 
-def _f(x: float, sign: bool = True) -> str:
+def _f(x: float | None, sign: bool = True) -> str:
     """Four decimals for shares; significant digits for the block means (of order 1e-5)."""
+    if x is None:
+        return "n/a"
     if x != 0 and abs(x) < 1e-3:
         return f"{x:+.3g}" if sign else f"{x:.3g}"
     return f"{x:+.4f}" if sign else f"{x:.4f}"
@@ -414,8 +423,9 @@ def length_summary(rows: list[dict], wrong: np.ndarray, clusters: np.ndarray, se
 def _shuffled_tables(traces: list[AnalysedTrace]) -> np.ndarray | None:
     if any(t.shuffled is None for t in traces):
         return None
-    R = min(t.shuffled.shape[0] for t in traces)
-    return None if R == 0 else np.stack([t.shuffled[:R] for t in traces])  # (n, R, K)
+    tables = [t.shuffled for t in traces if t.shuffled is not None]
+    R = min(s.shape[0] for s in tables)
+    return None if R == 0 else np.stack([s[:R] for s in tables])  # (n, R, K)
 
 
 def _paired_mean(y, wrong, clusters) -> float | None:
@@ -549,13 +559,14 @@ def curves(traces: list[AnalysedTrace], *, n_boot: int = 2000, seed: int = 0) ->
                     entry[g] = _band_dict(b.mean, b.low, b.high, b.n)
             if wrong.sum() >= 2 and (~wrong).sum() >= 2:
                 obs, boot = stats.cluster_bootstrap_diff(mat, wrong, cl, n_boot=n_boot, seed=seed)
-                entry["diff_raw"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub), boot)
+                lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+                entry["diff_raw"] = _band_dict(obs, lo, hi, len(sub), boot)
                 Z = _design(rows, intercept=True, null=null)
                 X = np.column_stack([wrong.astype(float), Z])
                 if np.linalg.matrix_rank(X) == np.linalg.matrix_rank(Z) + 1:
                     obs, boot = stats.cluster_bootstrap_coef(mat, X, cl, n_boot=max(200, n_boot // 4), seed=seed)
-                    entry["diff_adjusted"] = _band_dict(obs, *np.quantile(boot, [0.025, 0.975], axis=0), len(sub),
-                                                        boot)
+                    lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+                    entry["diff_adjusted"] = _band_dict(obs, lo, hi, len(sub), boot)
             d = _paired_curve(mat, wrong, cl)
             if d.shape[0] >= 2:
                 b = stats.bootstrap_band(d, n_boot=n_boot, seed=seed)
@@ -598,17 +609,18 @@ def position_curves(traces: list[AnalysedTrace], *, n_boot: int = 2000, seed: in
     K = min(MAX_POSITIONS, max((v.size for v in vals), default=0))
     out: dict = {"metric": "shallow-band question share of thinking step k", "positions": list(range(1, K + 1))}
     for g, gm in (("correct", ~wrong), ("wrong", wrong)):
-        rows = []
+        rows: list[dict[str, Any]] = []
         for k in range(K):
             m = np.array([v.size > k and np.isfinite(v[k]) for v in vals]) & gm
             if m.sum() >= 2:
                 y = np.array([vals[i][k] for i in np.flatnonzero(m)])
                 ci = _ci(y, cl[m], n_boot, seed)
+                assert ci is not None  # y has at least two values
                 rows.append({"k": k + 1, "mean": ci.estimate, "low": ci.low, "high": ci.high, "n": ci.n})
             else:
                 rows.append({"k": k + 1, "mean": None, "low": None, "high": None, "n": int(m.sum())})
         out[g] = rows
-    paired = []
+    paired: list[dict[str, Any]] = []
     for k in range(K):
         m = np.array([v.size > k and np.isfinite(v[k]) for v in vals])
         y = np.array([vals[i][k] if m[i] else np.nan for i in range(len(vals))])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,6 +53,11 @@ class FailingStep:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FailingStep:
+        return cls(d["gold_step"], d["kind"], d["long_range"], tuple(d["step_of_gold"]), tuple(d["premise_of_gold"]),
+                   tuple(d["premise_distance"]))
+
 
 def _line_starts(thinking: str) -> list[int]:
     """Character offset of the first non-blank character of each non-empty line."""
@@ -73,15 +79,15 @@ def locate(problem, trace: Trace) -> FailingStep:
     check = check_response(problem, response)
     thinking = response.split("</think>", 1)[0]
     ends = np.cumsum([len(t) for t in texts])
-    step_of_token = {}
+    step_of_token: dict[int, int] = {}
     for i, s in enumerate(trace.steps):
         for t in range(s.start, s.end):
             step_of_token[t] = i
-    line_steps = []
+    line_steps: list[int | None] = []
     for c in _line_starts(thinking):
         tok = trace.prompt_len + int(np.searchsorted(ends, c, side="right"))
-        i = step_of_token.get(tok)
-        line_steps.append(i if i is not None and trace.steps[i].kind == "thinking" else None)
+        at = step_of_token.get(tok)
+        line_steps.append(at if at is not None and trace.steps[at].kind == "thinking" else None)
     gold = list(problem.steps)
     step_of_gold = tuple(line_steps[k] if k < len(line_steps) else None for k in range(len(gold)))
     q = next((i for i, s in enumerate(trace.steps) if s.kind == "question"), None)
@@ -121,13 +127,14 @@ def _paired(rows: list[tuple[str, float, float]], n_boot: int, seed: int) -> dic
     for pid, w, c in rows:
         by.setdefault(pid, []).append(w - c)
     d = np.array([np.mean(v) for v in by.values()])
-    out = {"problems": int(d.size), "wrong_samples": len(rows)}
+    out: dict[str, Any] = {"problems": int(d.size), "wrong_samples": len(rows)}
     if d.size >= 2:
         t = stats.sign_flip_test(d, seed=seed)
         ci = stats.bootstrap_ci(d, n_boot=n_boot, seed=seed)
         out.update(mean_wrong_minus_correct=t.statistic, ci=[ci.low, ci.high], p_value=t.p_value, method=t.method,
                    mde=stats.mde(t.null_sd),
-                   mean_wrong=float(np.mean([w for _, w, _ in rows])), mean_correct=float(np.mean([c for *_, c in rows])))
+                   mean_wrong=float(np.mean([w for _, w, _ in rows])),
+                   mean_correct=float(np.mean([c for *_, c in rows])))
     elif d.size:
         out.update(mean_wrong_minus_correct=float(d.mean()))
     return out
@@ -143,8 +150,7 @@ def failing_step_analysis(traces, *, with_oeb: dict | None = None, band: str = "
     located = [t for t in traces if t.gold is not None]
     if not located:
         return None
-    fs = {(t.problem_id, t.sample): FailingStep(**{k: (tuple(v) if isinstance(v, list) else v)
-                                                   for k, v in t.gold.items()}) for t in located}
+    fs = {(t.problem_id, t.sample): FailingStep.from_dict(t.gold) for t in located if t.gold is not None}
     wrong = [t for t in located if not t.correct and fs[(t.problem_id, t.sample)].gold_step is not None]
     correct_by: dict[str, list] = {}
     for t in located:
@@ -154,6 +160,7 @@ def failing_step_analysis(traces, *, with_oeb: dict | None = None, band: str = "
     kinds: dict[str, int] = {}
     for t in wrong:
         f = fs[(t.problem_id, t.sample)]
+        assert f.gold_step is not None  # `wrong` holds located failures only
         positions[f.gold_step] = positions.get(f.gold_step, 0) + 1
         kinds[f.kind] = kinds.get(f.kind, 0) + 1
     out: dict = {"band": band, "wrong_located": len(wrong), "first_wrong_step": dict(sorted(positions.items())),
@@ -162,18 +169,22 @@ def failing_step_analysis(traces, *, with_oeb: dict | None = None, band: str = "
                          "step holding the premise it needs; wrong sample vs the same gold step in the correct "
                          "samples of the same problem"}
     for what in ("question", "premise"):
-        rows, rows_oeb, change = [], [], []
+        rows: list[tuple[str, float, float]] = []
+        rows_oeb: list[tuple[str, float, float]] = []
+        change: list[tuple[str, float]] = []
         for t in wrong:
             f = fs[(t.problem_id, t.sample)]
+            k = f.gold_step
+            assert k is not None
             mates = correct_by.get(str(t.problem_id), [])
-            v = _values(t.saliency, f, f.gold_step, band)[what]
-            cs = [_values(c.saliency, fs[(c.problem_id, c.sample)], f.gold_step, band)[what] for c in mates]
-            cs = [c for c in cs if c is not None]
+            v = _values(t.saliency, f, k, band)[what]
+            found = [_values(c.saliency, fs[(c.problem_id, c.sample)], k, band)[what] for c in mates]
+            cs = [c for c in found if c is not None]
             if v is None:
                 continue
             o = None
             if with_oeb is not None and (t.problem_id, t.sample) in with_oeb:
-                o = _values(with_oeb[(t.problem_id, t.sample)], f, f.gold_step, band)[what]
+                o = _values(with_oeb[(t.problem_id, t.sample)], f, k, band)[what]
                 if o is not None:
                     change.append((str(t.problem_id), o - v))
             if cs:

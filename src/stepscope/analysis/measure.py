@@ -17,9 +17,11 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ..defaults import BAND_FRACTION, CHUNK_MB
 from ..errors import StepscopeError
 from ..saliency.result import StepSaliency, causal_counts
 from ..stepflow import StepFlowConfig
@@ -100,8 +102,9 @@ def shuffled_steps(steps: list[Step], rng: np.random.Generator) -> list[Step]:
         if not mine:
             continue
         start, end, k = mine[0].start, mine[-1].end, len(mine)
-        cuts = np.sort(rng.choice(np.arange(start + 1, end), size=k - 1, replace=False)) if k > 1 else []
-        edges = [start, *[int(c) for c in cuts], end]
+        cuts = [int(c) for c in np.sort(rng.choice(np.arange(start + 1, end), size=k - 1, replace=False))] \
+            if k > 1 else []
+        edges = [start, *cuts, end]
         out += [Step(kind, a, b, "", i + 1) for i, (a, b) in enumerate(itertools.pairwise(edges))]
     return out
 
@@ -119,7 +122,7 @@ def site_metrics(atom_sums: np.ndarray, atoms: list[Step], steps: list[Step], po
     """
     th = [i for i, s in enumerate(steps) if s.kind == "thinking"]
     if len(th) < 2:
-        return {k: None for k in SITE_METRICS}
+        return dict.fromkeys(SITE_METRICS)
     assign = assignment(atoms, steps)
     atom_of_token = {a.start: k for k, a in enumerate(atoms)}
     at_boundary, after = [], []
@@ -179,7 +182,8 @@ def _session(model, tokenizer, trace: Trace, intervention: Intervention):
 
 
 def measure(model, tokenizer, trace: Trace, intervention: Intervention = Intervention(), *, target: str = "all",
-            chunk_mb: float = 256.0, band_fraction: float = 0.25, shuffles: int = 39, seed: int = 0) -> Measured:
+            chunk_mb: float = CHUNK_MB, band_fraction: float = BAND_FRACTION, shuffles: int = 39,
+            seed: int = 0) -> Measured:
     """Measure one trace (teacher-forced) under ``intervention``."""
     from ..saliency.engine import SaliencyOptions, compute_batch
 
@@ -205,7 +209,7 @@ def cache_key(model_name: str, trace: Trace, intervention: Intervention, options
 
 def save_measured(m: Measured, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"sums": m.saliency.sums, "other": m.saliency.other, "shuffled": m.shuffled}
+    arrays: dict[str, Any] = {"sums": m.saliency.sums, "other": m.saliency.other, "shuffled": m.shuffled}
     arrays.update({f"site_{k}": v for k, v in m.sites.items() if v is not None})
     np.savez_compressed(path.with_suffix(".npz"), **arrays)
     doc = {"format": "stepscope.measured", "version": CACHE_VERSION, "steps": [dataclasses.asdict(s) for s in
@@ -224,7 +228,7 @@ def load_measured(path: Path) -> Measured | None:
     if doc.get("format") != "stepscope.measured" or doc.get("version") != CACHE_VERSION:
         return None
     steps = [Step(**s) for s in doc["steps"]]
-    r = _as_result(arrays["sums"], arrays["other"], steps, doc.get("meta", {}), doc.get("band_fraction", 0.25))
+    r = _as_result(arrays["sums"], arrays["other"], steps, doc.get("meta", {}), doc.get("band_fraction", BAND_FRACTION))
     sites = {k: arrays.get(f"site_{k}") for k in SITE_METRICS}
     return Measured(r, arrays["shuffled"], sites)
 

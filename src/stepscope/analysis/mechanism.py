@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,8 @@ def change_summary(before: np.ndarray, after: np.ndarray, clusters: np.ndarray, 
                    ) -> dict:
     """Effect size of a paired change (after - before) over traces."""
     d = after - before
-    out = {"n": int(d.size), "before": float(before.mean()), "after": float(after.mean()), "mean_change": float(d.mean())}
+    out: dict[str, Any] = {"n": int(d.size), "before": float(before.mean()), "after": float(after.mean()),
+                           "mean_change": float(d.mean())}
     if d.size >= 2:
         ci = stats.cluster_bootstrap_ci(d, clusters, n_boot=n_boot, seed=seed)
         sd = float(d.std(ddof=1))
@@ -74,7 +76,8 @@ def _paired(base: list[np.ndarray | None], edited: list[np.ndarray | None]):
            and np.all(np.isfinite(b)) and np.all(np.isfinite(a))]
     if not idx:
         return None, None, idx
-    return np.stack([base[i] for i in idx]), np.stack([edited[i] for i in idx]), idx
+    return np.stack([b for i in idx if (b := base[i]) is not None]), \
+        np.stack([a for i in idx if (a := edited[i]) is not None]), idx
 
 
 def _curve_change(b: np.ndarray, a: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -140,7 +143,8 @@ def mechanism_check(baseline: list[Measured], conditions: dict[str, list[Measure
             d = r[ok] - c[ok]
             ci = stats.cluster_bootstrap_ci(d, clusters_all[ok], n_boot=n_boot, seed=seed)
             excludes = ci.low > 0 or ci.high < 0
-            rows[score] = {"n": int(ok.sum()), "real_change": float(r[ok].mean()), "control_change": float(c[ok].mean()),
+            rows[score] = {"n": int(ok.sum()), "real_change": float(r[ok].mean()),
+                           "control_change": float(c[ok].mean()),
                            "difference": float(d.mean()), "difference_ci": [ci.low, ci.high],
                            "exceeds": bool(excludes and abs(r[ok].mean()) > abs(c[ok].mean())
                                            and np.sign(d.mean()) == np.sign(r[ok].mean()))}
@@ -162,11 +166,10 @@ def _forward(model, tokenizer, trace: Trace, intervention: Intervention | None):
 
     import torch
 
-    from ..generation import left_pad, positions
+    from ..batch import pad_batch
 
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad([trace.token_ids], pad, device)
+    batch = pad_batch(model, tokenizer, [trace.token_ids])
+    session: contextlib.AbstractContextManager
     if intervention is None or intervention.stepflow is None:
         session = contextlib.nullcontext()
     elif intervention.control is None:
@@ -178,8 +181,7 @@ def _forward(model, tokenizer, trace: Trace, intervention: Intervention | None):
 
         session = teacher_forced_control(model, tokenizer, intervention.stepflow, intervention.control, [trace])
     with session, torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
-                    output_hidden_states=True)
+        out = model(**batch.forward_kwargs(), use_cache=False, output_hidden_states=True)
     hidden = torch.stack(out.hidden_states[1:])[:, 0].double()  # (L, T, d): output of each layer
     return hidden, torch.log_softmax(out.logits[0].double(), -1)
 

@@ -241,7 +241,8 @@ def _control_cell(ctl: dict | None, headline: str) -> str:
         return f"<small>{base}</small>"
     flag = "exceeds" if c["exceeds"] else "<b>does not exceed</b>"
     return (f"effect {_v(c['real'], True)} vs shuffled {_v(c['shuffled_mean'], True)} [{_v(c['shuffled_low'], True)}, "
-            f"{_v(c['shuffled_high'], True)}]<br>p<sub>control</sub> {_p(c['p_control'])}: {flag}<br><small>{base}</small>")
+            f"{_v(c['shuffled_high'], True)}]<br>p<sub>control</sub> {_p(c['p_control'])}: {flag}"
+            f"<br><small>{base}</small>")
 
 
 def score_table(model: dict) -> str:
@@ -302,7 +303,8 @@ def control_table(mech: dict) -> str:
             flag = "yes" if e["exceeds"] else "no"
             rows.append(f"<tr><td>{html.escape(pair)}</td><td>{html.escape(score)}</td>"
                         f"<td>{_v(e['real_change'], True)}</td><td>{_v(e['control_change'], True)}</td>"
-                        f"<td>{_v(e['difference'], True)} [{_v(e['difference_ci'][0], True)}, {_v(e['difference_ci'][1], True)}]</td>"
+                        f"<td>{_v(e['difference'], True)} [{_v(e['difference_ci'][0], True)}, "
+                        f"{_v(e['difference_ci'][1], True)}]</td>"
                         f"<td>{flag}</td></tr>")
     return ("<table><tr><th>edit vs control</th><th>score</th><th>real change</th><th>control change</th>"
             "<th>difference [95% CI]</th><th>real exceeds control</th></tr>" + "".join(rows) + "</table>")
@@ -339,16 +341,19 @@ def failing_table(fs: dict) -> str:
                             "</td></tr>")
                 continue
             rows.append(f"<tr><td>{what}</td><td>{cond.replace('_', ' ')}</td><td>{_v(d['mean_wrong'])}</td>"
-                        f"<td>{_v(d['mean_correct'])}</td><td>{_v(d['mean_wrong_minus_correct'], True)} [{_v(d['ci'][0], True)}, "
+                        f"<td>{_v(d['mean_correct'])}</td><td>{_v(d['mean_wrong_minus_correct'], True)} "
+                        f"[{_v(d['ci'][0], True)}, "
                         f"{_v(d['ci'][1], True)}], p {_p(d['p_value'])}</td><td>{d['problems']} / {d['wrong_samples']}"
                         "</td></tr>")
         ch = e.get("oeb_change_at_failing_step")
         if ch:
             rows.append(f"<tr><td>{what}</td><td>OEB change at the failing step</td><td colspan=2></td>"
-                        f"<td>{_v(ch['mean_change'], True)} [{_v(ch['ci'][0], True)}, {_v(ch['ci'][1], True)}]</td><td>{ch['n']}"
+                        f"<td>{_v(ch['mean_change'], True)} [{_v(ch['ci'][0], True)}, {_v(ch['ci'][1], True)}]</td>"
+                        f"<td>{ch['n']}"
                         "</td></tr>")
     return (f"<p>{html.escape(fs['what'])}. First wrong step by gold position: "
-            f"{html.escape(json.dumps(fs['first_wrong_step']))}; kinds {html.escape(json.dumps(fs['first_error_kinds']))}"
+            f"{html.escape(json.dumps(fs['first_wrong_step']))}; "
+            f"kinds {html.escape(json.dumps(fs['first_error_kinds']))}"
             f".</p><table><tr><th>flow from</th><th>condition</th><th>wrong (failing step)</th><th>correct (same gold "
             "step)</th><th>wrong - correct [95% CI], sign-flip p</th><th>problems / wrong samples</th></tr>"
             + "".join(rows) + "</table>")
@@ -381,8 +386,9 @@ def write_analysis_report(result, out_dir: Path, *, formats=("png",)) -> Path:
         pr = m["pairing"]
         parts.append(f"<h2>{html.escape(m['model'])} (condition {html.escape(m['condition'])})</h2>")
         parts.append(f"<p>{m['n_correct']} correct, {m['n_wrong']} wrong traces from {pr['problems']} problems "
-                     f"({pr['samples_per_problem']['median']:g} samples per problem); {pr['problems_with_both_outcomes']}"
-                     f" problems have both outcomes ({pr['traces_in_paired_problems']} traces). Bands: shallow = layers "
+                     f"({pr['samples_per_problem']['median']:g} samples per problem); "
+                     f"{pr['problems_with_both_outcomes']} problems have both outcomes "
+                     f"({pr['traces_in_paired_problems']} traces). Bands: shallow = layers "
                      f"{m['bands']['shallow'][0]}-{m['bands']['shallow'][-1]}, deep = {m['bands']['deep'][0]}-"
                      f"{m['bands']['deep'][-1]}. Headline test: {COLUMN_TITLES[m['headline_test']]}.</p>")
         parts.append(f"<p><small>{html.escape(m['holm_family'])} {html.escape(m['length_adjustment'])}</small></p>")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ PREFIX = "stepscope:"
 class AttentionCall:
     """The arguments ``transformers`` passes to an attention function, as one object."""
 
-    module: torch.nn.Module
+    # the attention layer (a torch.nn.Module, or an _Ungrouped view of one); its attributes (layer_idx,
+    # num_key_value_groups, sliding_window, ...) are the model family's, which nn.Module's types cannot name
+    module: Any
     query: torch.Tensor  # (batch, heads, q_len, head_dim), after RoPE / q-norm
     key: torch.Tensor  # (batch, kv_heads, k_len, head_dim), including the cache
     value: torch.Tensor  # (batch, kv_heads, k_len, head_dim)
@@ -53,10 +56,21 @@ class AttentionCall:
 
 Handler = Callable[[AttentionCall, Callable[[AttentionCall], tuple]], tuple]
 
-# attention module -> handlers, outermost first
-_CHAINS: "weakref.WeakKeyDictionary[torch.nn.Module, list[Handler]]" = weakref.WeakKeyDictionary()
+
+@dataclass(eq=False)
+class _Entry:
+    """One installed handler; ``exclusive``: among entries with the same key, only the innermost runs."""
+
+    handler: Handler
+    exclusive: str | None = None
+
+
+# attention module -> installed entries, outermost first
+_ENTRIES: weakref.WeakKeyDictionary[torch.nn.Module, list[_Entry]] = weakref.WeakKeyDictionary()
+# attention module -> the handlers that run, outermost first (derived from _ENTRIES on every change)
+_CHAINS: weakref.WeakKeyDictionary[torch.nn.Module, list[Handler]] = weakref.WeakKeyDictionary()
 # model -> (original implementation name, number of live handles)
-_INSTALLED: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_INSTALLED: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -154,7 +168,25 @@ def _set_implementation(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-@dataclass
+def _update_chain(module: torch.nn.Module) -> None:
+    """Rebuild ``module``'s running chain: every entry, except outer ones shadowed by an inner exclusive twin."""
+    entries = _ENTRIES.get(module, [])
+    if not entries:
+        _ENTRIES.pop(module, None)
+        _CHAINS.pop(module, None)
+        return
+    keys: set[str] = set()
+    chain: list[Handler] = []
+    for e in reversed(entries):  # innermost first
+        if e.exclusive is not None:
+            if e.exclusive in keys:
+                continue
+            keys.add(e.exclusive)
+        chain.insert(0, e.handler)
+    _CHAINS[module] = chain
+
+
+@dataclass(eq=False)  # handlers are compared by identity: a handler's own == may compare tensors
 class InstallHandle:
     """Undo for :func:`install`; also a context manager."""
 
@@ -162,17 +194,17 @@ class InstallHandle:
     handler: Handler
     modules: list
     _removed: bool = False
+    _entry: _Entry | None = None
 
     def remove(self) -> None:
         if self._removed:
             return
         self._removed = True
         for m in self.modules:
-            chain = _CHAINS.get(m)
-            if chain is not None and self.handler in chain:
-                chain.remove(self.handler)
-                if not chain:
-                    del _CHAINS[m]
+            entries = _ENTRIES.get(m)
+            if entries is not None:
+                entries[:] = [e for e in entries if e is not self._entry]
+                _update_chain(m)
         entry = _INSTALLED.get(self.model)
         if entry is not None:
             entry[1] -= 1
@@ -188,8 +220,12 @@ class InstallHandle:
         return False
 
 
-def install(model, handler: Handler, *, outermost: bool = False) -> InstallHandle:
-    """Put ``handler`` on every attention module's chain (innermost unless ``outermost``)."""
+def install(model, handler: Handler, *, outermost: bool = False, exclusive: str | None = None) -> InstallHandle:
+    """Put ``handler`` on every attention module's chain (innermost unless ``outermost``).
+
+    ``exclusive``: a key such as ``"stepflow"``; while several handlers with the same key are installed, only the
+    innermost one (the latest, unless ``outermost``) runs, so a nested installation takes over and hands back.
+    """
     modules = attention_modules(model)
     if not modules:
         raise UnsupportedModelError(
@@ -205,16 +241,58 @@ def install(model, handler: Handler, *, outermost: bool = False) -> InstallHandl
         name = _register(original)
         _set_implementation(model, name)
         _INSTALLED[model] = [original, 1]
+    entry = _Entry(handler, exclusive)
     for m in modules:
-        chain = _CHAINS.setdefault(m, [])
+        entries = _ENTRIES.setdefault(m, [])
         if outermost:
-            chain.insert(0, handler)
+            entries.insert(0, entry)
         else:
-            chain.append(handler)
-    return InstallHandle(model, handler, modules)
+            entries.append(entry)
+        _update_chain(m)
+    return InstallHandle(model, handler, modules, _entry=entry)
 
 
-def base_implementation(model) -> str:
-    """The model's own implementation name, even while stepscope handlers are installed."""
-    entry = _INSTALLED.get(model)
-    return entry[0] if entry else current_implementation(model)
+# model -> (implementation name, layers whose attention went through the interface), from a probe forward
+_PROBED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, frozenset[int]]] = weakref.WeakKeyDictionary()
+
+
+def interface_layers(model) -> frozenset[int]:
+    """Layers whose attention goes through ``AttentionInterface``, found by one two-token forward call (cached per
+    model and implementation). Some models (Falcon, for one) compute attention themselves and never call it."""
+    impl = current_implementation(model)
+    impl = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
+    cached = _PROBED.get(model)
+    if cached is not None and cached[0] == impl:
+        return cached[1]
+    seen: set[int] = set()
+
+    def record(call: AttentionCall, proceed):
+        seen.add(call.layer_idx)
+        return proceed(call)
+
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    with install(model, record, outermost=True), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    _PROBED[model] = (impl, frozenset(seen))
+    return _PROBED[model][1]
+
+
+def require_interface(model, seen: Iterable[int], layers: Iterable[int], needs: str) -> None:
+    """Refuse a model whose ``layers`` did not call attention through the interface (``seen``: those that did).
+
+    Step-Saliency and StepFlow both read softmax attention weights there; a model that bypasses the interface gets
+    this one message from both. ``needs``: what the caller needs, for the message about some layers missing.
+    """
+    seen = set(seen)
+    missing = sorted(set(layers) - seen)
+    if not seen:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no layer called a softmax attention function through transformers' "
+            "AttentionInterface, so Step-Saliency and StepFlow (attention x gradient, edits of softmax weights) "
+            "are not defined for it"
+        )
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: layers {missing} do not use softmax attention through AttentionInterface "
+            f"(linear/recurrent layers?); {needs}"
+        )

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import StepscopeError
 from .common import add_format_arg, add_generation_args
 from .eval import add_problem_args, build_config, load_eval_problems
+from .saliency_args import add_saliency_args
 from .stepflow_args import add_stepflow_args, stepflow_from_args
 
 
@@ -53,9 +54,7 @@ def register(sub) -> None:
     r.add_argument("--no-controls", action="store_true", help="skip the random-edit controls of the mechanism check")
     r.add_argument("--no-activations", action="store_true", help="skip the hidden-state check at SMI's sites")
     r.add_argument("--shuffles", type=int, default=39, help="shuffled step boundaries per trace (control; 0: off)")
-    r.add_argument("--target", default="all", choices=["all", "generated", "summary"])
-    r.add_argument("--chunk-mb", type=float, default=256.0)
-    r.add_argument("--band-fraction", type=float, default=0.25)
+    add_saliency_args(r, keep_mb=False)
     r.add_argument("--workers", type=int, default=2, help="grading processes")
     r.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     r.add_argument("--n-perm", type=int, default=4999, help="Monte Carlo permutations (exact enumeration when small)")

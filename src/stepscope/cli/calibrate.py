@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import StepscopeError
 from .common import add_model_args, add_out_arg
+from .saliency_args import add_band_fraction_arg
 
 
 def register(sub) -> None:
@@ -23,7 +24,7 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of generated sets (rg:, organism:)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--band-fraction", type=float, default=0.25, help="band size as a share of layers (default 0.25)")
+    add_band_fraction_arg(g)
     g = p.add_argument_group("strength grid (optional)")
     g.add_argument("--held-out", type=int, default=0,
                    help="score the grid on this many problems after the calibration set (0: no grid)")

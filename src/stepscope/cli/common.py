@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from ..errors import StepscopeError
@@ -29,13 +30,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    # the next-token rule: stepscope.sampling.SamplingConfig's fields, checked there (sampling_from_args)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off; "
+                   "Qwen3 thinking: --temperature 0.6 --top-p 0.95 --top-k 20 --min-p 0)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less than this times as likely as the top one, in [0, 1] (default 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalise tokens already in the prompt or response, > 0 (default 1 = off; also greedy)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a response once its text contains TEXT (repeatable; the text is kept in the trace; "
+                   "for a newline use the shell's $'\\n')")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--no-instruction", action="store_true",
                    help="send the question as is (by default a plain-instruct model is asked for steps and a "
                    "'Final answer:' line)")
+
+
+def sampling_from_args(args):
+    """The :class:`~stepscope.sampling.SamplingConfig` of the generation flags (bad values: a StepscopeError that
+    names the flag, raised before any model loads)."""
+    from ..sampling import SamplingConfig
+
+    config = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()))
+    idle = [flag for flag, on in (("--top-p", config.top_p < 1), ("--top-k", config.top_k > 0),
+                                  ("--min-p", config.min_p > 0)) if on]
+    if config.greedy and idle:
+        warnings.warn(f"{', '.join(idle)} change nothing at --temperature 0 (greedy decoding); set --temperature "
+                      "(e.g. 0.6) to sample", stacklevel=2)
+    return config
 
 
 def add_question_args(p: argparse.ArgumentParser, example: bool = True) -> None:

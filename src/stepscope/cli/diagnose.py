@@ -7,8 +7,18 @@ import textwrap
 from pathlib import Path
 
 from ..errors import StepscopeError
-from .common import (add_format_arg, add_generation_args, add_model_args, add_out_arg, add_question_args,
-                     load_model_from_args, questions_from_args, with_instruction)
+from .common import (
+    add_format_arg,
+    add_generation_args,
+    add_model_args,
+    add_out_arg,
+    add_question_args,
+    load_model_from_args,
+    questions_from_args,
+    sampling_from_args,
+    with_instruction,
+)
+from .saliency_args import add_saliency_args
 from .stepflow_args import add_stepflow_args, stepflow_from_args
 
 
@@ -39,13 +49,7 @@ def _common(p, out_default: str) -> None:
     p.add_argument("--index", type=int, default=0, help="row of --dataset (default 0)")
     p.add_argument("--data-dir", type=Path, default=None, help="offline copies of the sets (or STEPSCOPE_DATA_DIR)")
     add_generation_args(p)
-    g = p.add_argument_group("saliency")
-    g.add_argument("--target", default="all", choices=["all", "generated", "summary"],
-                   help="next-token losses that make up L (default: every target token)")
-    g.add_argument("--chunk-mb", type=float, default=256.0, help="memory budget of one chunk of query rows (MB)")
-    g.add_argument("--keep-mb", type=float, default=1024.0,
-                   help="memory for keeping top layers' graphs instead of recomputing them (0: leanest)")
-    g.add_argument("--band-fraction", type=float, default=0.25, help="shallow/deep band size (default: a quarter)")
+    add_saliency_args(p.add_argument_group("saliency"))
     add_stepflow_args(p)
     add_out_arg(p, out_default)
 
@@ -84,8 +88,9 @@ def _traces(args, model, tok, inputs, stepflow=None):
         questions = [build_user_message(p, prof) for p in items]
     else:
         questions = with_instruction(items, tok, args.profile, args.no_instruction)
-    traces = generate(model, tok, questions, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, profile=args.profile,
+    traces = generate(model, tok, questions, max_new_tokens=args.max_new_tokens,
+                      **sampling_from_args(args).to_dict(), seed=args.seed, batch_size=args.batch_size,
+                      profile=args.profile,
                       stepflow=stepflow)
     return traces
 
@@ -96,15 +101,13 @@ def _teacher_forced_activity(model, tok, config, trace) -> dict:
     would count each edit several times."""
     import torch
 
-    from ..generation import left_pad, positions
+    from ..batch import pad_batch
     from ..stepflow.fullpass import teacher_forced
 
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = left_pad([trace.token_ids], pad, device)
+    batch = pad_batch(model, tok, [trace.token_ids])
     body = getattr(model, "base_model", model)  # the hidden states are enough: no T x vocab logits
     with teacher_forced(model, tok, config, [trace]) as sf, torch.no_grad():
-        body(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        body(**batch.forward_kwargs(), use_cache=False)
         return sf.row_stats()[0]
 
 
@@ -130,6 +133,8 @@ def _compute(args):
 
     inputs = _inputs(args)  # a bad trace file or question fails at once, not after the model has loaded
     also_generate = getattr(args, "generate_with_stepflow", False)
+    if inputs[0] != "traces":
+        sampling_from_args(args)  # a bad sampling value fails before the model loads
     model, tok = load_model_from_args(args)
     stepflow = stepflow_from_args(args, model, force=also_generate)
     traces = _traces(args, model, tok, inputs)

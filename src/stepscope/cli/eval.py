@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import StepscopeError
-from .common import add_format_arg, add_generation_args, add_model_args, add_out_arg
+from .common import add_format_arg, add_generation_args, add_model_args, add_out_arg, sampling_from_args
 from .stepflow_args import add_stepflow_args, stepflow_from_args
 
 
@@ -23,9 +23,11 @@ def register(sub) -> None:
     add_generation_args(p, max_new_tokens=512)
     r = p.add_argument_group("run")
     r.add_argument("--n", type=int, default=1, help="samples per problem (default 1)")
-    r.add_argument("--compare", action="store_true", help="run baseline and StepFlow (= --conditions baseline,stepflow)")
+    r.add_argument("--compare", action="store_true",
+                   help="run baseline and StepFlow (= --conditions baseline,stepflow)")
     r.add_argument("--conditions", default=None,
-                   help="comma list of baseline, stepflow, oeb-only, smi-only (StepFlow flags apply to all but baseline)")
+                   help="comma list of baseline, stepflow, oeb-only, smi-only (StepFlow flags apply to all but "
+                   "baseline)")
     r.add_argument("--shard", default=None, metavar="I/N", help="take problems with index %% N == I "
                    "(automatic under accelerate launch)")
     r.add_argument("--workers", type=int, default=2, help="grading processes (0: grade in this process)")
@@ -69,7 +71,7 @@ _FROM_ARGS = object()  # build_config's "take it from args" default (None is a r
 
 
 def condition_names(args) -> list[str]:
-    from ..evaluation.runner import parse_conditions
+    from ..evaluation.conditions import parse_conditions
 
     if args.compare and args.conditions:
         raise StepscopeError("--compare means --conditions baseline,stepflow; give one of them")
@@ -82,8 +84,14 @@ def condition_names(args) -> list[str]:
 
 def load_eval_problems(args):
     """The problems and the dataset description recorded in run.json."""
-    from ..evaluation.datasets import (ORGANISM_PREFIX, load_problems, load_problems_from_file,
-                                       organism_set_size, parse_indices, parse_rg_params)
+    from ..evaluation.datasets import (
+        ORGANISM_PREFIX,
+        load_problems,
+        load_problems_from_file,
+        organism_set_size,
+        parse_indices,
+        parse_rg_params,
+    )
 
     indices = parse_indices(args.indices) if args.indices else None
     desc = {"limit": args.limit, "indices": indices}
@@ -124,17 +132,19 @@ def load_eval_problems(args):
 def build_config(args, problems, dataset: dict, *, device=_FROM_ARGS, device_map=_FROM_ARGS):
     """The run's config, checked as far as it can be without loading the model (``device`` and ``device_map``:
     where this process will load it, when that is not what the arguments say)."""
+    from ..evaluation.conditions import build_conditions
     from ..evaluation.graders import GradingConfig
-    from ..evaluation.runner import RunConfig, Sampling, build_conditions, problems_fingerprint
+    from ..evaluation.run_config import RunConfig, Sampling, problems_fingerprint
     from ..models import checkpoint_identity, device_kind, dtype_name
 
     names = condition_names(args)
     needs_stepflow = any(n != "baseline" for n in names)
     stepflow = stepflow_from_args(args, None, force=needs_stepflow)
-    sampling = Sampling(args.n, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    sampling = Sampling(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        **sampling_from_args(args).to_dict())
     if sampling.n > 1 and sampling.temperature == 0:
         warnings.warn(f"--n {sampling.n} with --temperature 0 (greedy) gives {sampling.n} identical samples per "
-                      "problem; set --temperature (e.g. 0.6) to sample")
+                      "problem; set --temperature (e.g. 0.6) to sample", stacklevel=2)
     device = args.device if device is _FROM_ARGS else device
     device_map = getattr(args, "device_map", None) if device_map is _FROM_ARGS else device_map
     checkpoint = checkpoint_identity(args.model)
@@ -156,6 +166,9 @@ def check_run_args(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value < least:
             raise StepscopeError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    with warnings.catch_warnings():  # only the check here; build_config gives any warning once
+        warnings.simplefilter("ignore")
+        sampling_from_args(args)  # a bad --top-k, --stop, ... fails before the problems load too
 
 
 def _placement(args):
@@ -178,7 +191,9 @@ def _layers(config, model) -> dict:
     out = {}
     for c in config.conditions:
         if c.stepflow is not None:
-            resolved = c.stepflow.resolve(layers)
+            from ..windows import layer_windows
+
+            resolved = c.stepflow.resolve(layers, layer_windows(model.config))
             print(f"{c.name}: {resolved.describe()}")
             out[c.name] = {"oeb": sorted(resolved.oeb_layers), "smi": sorted(resolved.smi_layers)}
     return out
@@ -246,7 +261,7 @@ def _sandbox_isolation(problems) -> str | None:
     """For sets graded by running code: the isolation model code gets here, said once and recorded."""
     if not any(p.grader == "code" for p in problems):
         return None
-    from ..sandbox import isolation_mode  # noqa: PLC0415
+    from ..sandbox import isolation_mode
 
     isolation = isolation_mode()
     strong = isolation.startswith("bwrap") or "netns" in isolation

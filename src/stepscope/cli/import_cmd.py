@@ -79,7 +79,7 @@ def run(args) -> int:
           f"(condition {args.condition})")
     for kind, count in sorted(outcome.warnings.items()):
         print(f"note: {count} of {outcome.samples} traces: {kind}")
-    if outcome.graded:
+    if outcome.graded and outcome.accuracy is not None:
         print(f"accuracy {100 * outcome.accuracy:.1f}% over {outcome.samples} samples; next: stepscope report "
               f"{outcome.out}")
     else:

@@ -10,7 +10,8 @@ import warnings
 
 from ..errors import StepscopeError
 
-COMMANDS = ["generate", "diagnose", "eval", "report", "analyze", "import_cmd", "calibrate", "organism"]  # modules; diagnose adds saliency
+# modules; diagnose adds saliency
+COMMANDS = ["generate", "diagnose", "eval", "report", "analyze", "import_cmd", "calibrate", "organism"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +72,12 @@ def _line_buffered() -> None:
     """Flush stdout at every line even when it is piped, so that a log of a long run fills as it goes (Python
     block-buffers a piped stdout; stderr is line-buffered already)."""
     for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # io.TextIOWrapper's; typed streams lack it
+        if reconfigure is None:  # a replaced stream (a test's capture, a notebook)
+            continue
         try:
-            stream.reconfigure(line_buffering=True)
-        except (AttributeError, ValueError, OSError):  # a replaced stream (a test's capture, a notebook)
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):
             pass
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..defaults import ALPHA, TAU_MAX
 from ..errors import StepscopeError
 
 
@@ -13,9 +14,9 @@ def add_stepflow_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--oeb-layers", default=None, help="OEB layers, e.g. 0-7 (default: bottom quarter)")
     g.add_argument("--smi-layers", default=None, help="SMI layers, e.g. 22-29 (default: top quarter)")
     g.add_argument("--tau-max", type=float, default=None,
-                   help="OEB bridge mass target (default: the calibrated value from --bands, else 0.15)")
+                   help=f"OEB bridge mass target (default: the calibrated value from --bands, else {TAU_MAX:g})")
     g.add_argument("--alpha", type=float, default=None,
-                   help="SMI strength (default: the calibrated value from --bands, else 0.06)")
+                   help=f"SMI strength (default: the calibrated value from --bands, else {ALPHA:g})")
     g.add_argument("--smi-window", type=int, default=None,
                    help="average only the last W tokens of the finished step (default: the whole step)")
     g.add_argument("--smi-at-summary", action="store_true", help="also inject at the first summary token")
@@ -56,5 +57,7 @@ def stepflow_from_args(args, model=None, force: bool = False):
     cfg = StepFlowConfig(oeb=not args.no_oeb, oeb_layers=oeb_layers, smi=not args.no_smi, smi_layers=smi_layers,
                          smi_window=args.smi_window, smi_at_summary=args.smi_at_summary, **strengths)
     if model is not None:
-        print(cfg.resolve(model.config.num_hidden_layers).describe())
+        from ..windows import layer_windows
+
+        print(cfg.resolve(model.config.num_hidden_layers, layer_windows(model.config)).describe())
     return cfg

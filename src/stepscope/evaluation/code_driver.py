@@ -259,7 +259,7 @@ class Link:
 
 def judge_check(link, tests):
     """HumanEval style: the test's ``check(candidate)`` runs here, the candidate there."""
-    space = {"__name__": "stepscope_test"}
+    space: dict[str, object] = {"__name__": "stepscope_test"}
     setup = tests.get("setup") or ""
     if setup:
         try:  # helper functions of the prompt that tests call (e.g. an encoder whose decoder is asked for)
@@ -284,14 +284,14 @@ def judge_cases(link, tests):
             args = [json.loads(line) for line in case["input"].splitlines() if line.strip()]
             got = Candidate(link, name, method=True)(*args)
             if got != json.loads(case["output"]):
-                raise AssertionError("test %d: wrong result" % number)
+                raise AssertionError(f"test {number}: wrong result")
         else:
             reply = link.ask({"op": "stdio", "input": case["input"]})
             got = reply.get("stdout")
             if not isinstance(got, str):
                 raise CodeFailed("bad reply from the code")
             if lines(got) != lines(case["output"]):
-                raise AssertionError("test %d: wrong output" % number)
+                raise AssertionError(f"test {number}: wrong output")
 
 
 def lines(text):
@@ -322,7 +322,8 @@ def main():
     try:
         loaded = read_frame(rep_r)
         if not isinstance(loaded, dict) or not loaded.get("loaded"):
-            verdict["detail"] = "the code failed to load: %s" % (loaded.get("error") if isinstance(loaded, dict) else "?")
+            error = loaded.get("error") if isinstance(loaded, dict) else "?"
+            verdict["detail"] = f"the code failed to load: {error}"
         else:
             (judge_check if mode == "check" else judge_cases)(link, tests)
             verdict = {"passed": True, "detail": "all tests passed"}
@@ -347,7 +348,7 @@ def main():
 
 def at_line(exc):
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "test.py"]
-    return " (test line %d)" % frames[-1].lineno if frames else ""
+    return f" (test line {frames[-1].lineno})" if frames else ""
 
 
 if __name__ == "__main__":

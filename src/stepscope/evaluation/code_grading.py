@@ -15,10 +15,12 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from ..sandbox import run_python
 from .datasets import Problem
 from .extract import extract_answer
+from .grader_inputs import CodeTask
 from .verdict import Grade
 
 __all__ = ["CodeVerdict", "grade_code", "run_tests"]
@@ -77,10 +79,14 @@ def _import_lines(prompt: str) -> str:
 
 def _check_code(problem: Problem, code: str) -> str:
     """HumanEval style: a body-only completion continues the prompt; a full function keeps its imports."""
-    entry = problem.meta.get("entry_point")
+    entry = _code_task(problem).entry_point
     if entry and not re.search(rf"(?m)^\s*def\s+{re.escape(entry)}\s*\(", code):
         return problem.question + code
     return _import_lines(problem.question) + code
+
+
+def _code_task(problem: Problem) -> CodeTask:
+    return problem.task if isinstance(problem.task, CodeTask) else CodeTask()  # a code Problem always has one
 
 
 def _lcb_cases(blob: str) -> list:
@@ -109,12 +115,13 @@ def grade_code(problem: Problem, response: str, timeout_s: float) -> Grade:
     code = extract_answer(problem, response)
     if not code:
         return Grade(False, None, "no code found")
-    harness = problem.meta.get("harness", "check")
+    task = _code_task(problem)
+    harness = task.harness
     if harness == "check":
-        entry = problem.meta.get("entry_point")
+        entry = task.entry_point
         if not entry:
             return Grade(False, code, "the problem names no entry point to test")
-        tests = {"setup": problem.question, "test": problem.answer, "entry_point": entry}
+        tests: dict[str, Any] = {"setup": problem.question, "test": problem.answer, "entry_point": entry}
         verdict = run_tests(_check_code(problem, code), "check", tests, timeout_s=timeout_s)
     else:
         spec = json.loads(problem.answer)

@@ -16,12 +16,15 @@ import random
 import re
 import string
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..errors import StepscopeError
 from ..extras import require
+from ..profiles import PLAIN
+from .grader_inputs import GraderInput, RgTask, task_from_meta
 
 __all__ = [
     "DATASETS",
@@ -46,13 +49,24 @@ ORGANISM_PREFIX = "organism:"
 
 @dataclass(frozen=True)
 class Problem:
-    """One benchmark item: the bare question, the gold answer (test code for code tasks), how to grade it."""
+    """One benchmark item: the bare question, the gold answer (test code for code tasks), how to grade it.
+
+    ``task``: what the grader needs beyond question and answer (:mod:`~stepscope.evaluation.grader_inputs`); when
+    not given it is read from the meta keys (:func:`~stepscope.evaluation.grader_inputs.task_from_meta`).
+    ``meta``: provenance for display (dataset, index, source id, the row's other fields). Neither enters the
+    problem set's hash.
+    """
 
     id: str
     question: str
     answer: str
     grader: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    task: GraderInput | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.task is None:  # a problem made from meta keys alone (a user's JSONL, older code)
+            object.__setattr__(self, "task", task_from_meta(self.grader, self.meta))
 
 
 @dataclass(frozen=True)
@@ -240,7 +254,7 @@ def _problem_from_row(spec: DatasetSpec, row: dict, index: int, where: str) -> P
     for name in spec.meta_fields + _ADAPTER_META.get(spec.row_adapter or "", ()):
         if name in row:
             meta[name] = row[name]
-    return Problem(f"{spec.name}/{index}", question, answer, spec.grader, meta)
+    return Problem(f"{spec.name}/{index}", question, answer, spec.grader, meta, task_from_meta(spec.grader, meta))
 
 
 # --- selection ----------------------------------------------------------------------------------------
@@ -325,7 +339,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 def _load_hub_rows(spec: DatasetSpec) -> list[dict]:
     """All rows of a set from the Hugging Face hub (needs the optional ``datasets`` package)."""
     try:
-        import datasets  # noqa: PLC0415 - optional, only for online use
+        import datasets  # optional, only for online use
     except ImportError:
         raise StepscopeError(
             f"no data directory for {spec.name}: pass --data-dir DIR (a folder with {spec.offline_dir or spec.name}/"
@@ -337,10 +351,12 @@ def _load_hub_rows(spec: DatasetSpec) -> list[dict]:
         for config in configs:
             ds = datasets.load_dataset(spec.hub_id, config, split=spec.split, **dict(spec.hub_kwargs))
             rows.extend(dict(r) for r in ds)
-    except Exception as exc:  # the hub raises many types; all mean "could not load"
-        hint = "" if spec.offline_dir is None else f", or pass --data-dir DIR with an offline {spec.offline_dir}/test.jsonl"
+    except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean "could not load"
+        hint = "" if spec.offline_dir is None else \
+            f", or pass --data-dir DIR with an offline {spec.offline_dir}/test.jsonl"
+        first = (str(exc).splitlines() or [""])[0][:200]
         raise StepscopeError(
-            f"could not load {spec.hub_id} from the hub ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"
+            f"could not load {spec.hub_id} from the hub ({type(exc).__name__}: {first})"
             f"; check the network and hub access{hint}"
         ) from None
     return rows
@@ -388,7 +404,8 @@ def load_problems(
         path = directory / spec.offline_dir / "test.jsonl"
         if not path.is_file():
             raise StepscopeError(
-                f"no offline copy of {name} at {path}; pass --data-dir DIR where DIR/{spec.offline_dir}/test.jsonl exists"
+                f"no offline copy of {name} at {path}; pass --data-dir DIR where DIR/{spec.offline_dir}/test.jsonl "
+                "exists"
             )
         rows = _read_jsonl(path)
         chosen = _select(rows, limit, indices, name)
@@ -444,12 +461,14 @@ class QuestionTemplate:
                 )
             value = row[name]
             if value is None:
-                raise StepscopeError(f"{where}: field {name!r} of --question-template is null; fill it or remove that line")
+                raise StepscopeError(f"{where}: field {name!r} of --question-template is null; fill it or remove "
+                                     "that line")
             if isinstance(value, (list, dict)):
                 raise StepscopeError(f"{where}: field {name!r} of --question-template holds a JSON "
                                      f"{'array' if isinstance(value, list) else 'object'}; it must be text or a number")
             if conversion:
-                value = {"r": repr, "s": str, "a": ascii}[conversion](value)
+                conversions: dict[str, Callable[[Any], str]] = {"r": repr, "s": str, "a": ascii}
+                value = conversions[conversion](value)
             try:
                 out.append(format(value, spec or ""))
             except (ValueError, TypeError) as exc:
@@ -484,7 +503,8 @@ def _warn_unused_context(path: Path, rows: Sequence[Mapping[str, Any]], question
     counts: dict[str, int] = {}
     for row in rows:
         for name, value in row.items():
-            if name != question_field and str(name).lower() in _CONTEXT_FIELDS and isinstance(value, str) and value.strip():
+            if name != question_field and str(name).lower() in _CONTEXT_FIELDS and isinstance(value, str) \
+                    and value.strip():
                 counts[name] = counts.get(name, 0) + 1
     if counts:
         names = sorted(counts, key=lambda n: (-counts[n], n))
@@ -548,7 +568,7 @@ def load_problems_from_file(
             pid = f"{path.stem}/{i}"
         meta = {k: v for k, v in row.items() if k not in used and k != answer_field}
         meta.update(dataset=path.stem, index=i)
-        problems.append(Problem(pid, question, answer, grader, meta))
+        problems.append(Problem(pid, question, answer, grader, meta, task_from_meta(grader, meta)))
     if id_field is not None and len({p.id for p in problems}) != len(problems):
         raise StepscopeError(f"ids in field {id_field!r} of {path} repeat; problem ids must be unique")
     return problems
@@ -604,7 +624,7 @@ def organism_set_size(size: int | None, limit: int | None) -> int:
 def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> list[Problem]:
     """The organism's evaluation problems (math grader). The organism was trained on the bare question, so the
     prompt carries no instruction (``raw_prompt``)."""
-    from ..organism.tasks import organism_problems  # noqa: PLC0415 - only this dataset needs it
+    from ..organism.tasks import organism_problems  # only this dataset needs it
 
     if indices:
         size = max(size, max(indices) + 1)
@@ -647,7 +667,7 @@ def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, 
                 "seed": seed, "size": size}
         answer = entry.get("answer")
         problems.append(Problem(f"rg:{task}/{i}", str(entry["question"]), "" if answer is None else str(answer),
-                                "rg", meta))
+                                "rg", meta, RgTask(task, entry, meta["rg_params"], seed, size)))
     return problems
 
 
@@ -655,8 +675,7 @@ def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, 
 
 # Instruction appended to the question, by prompt style and problem kind (the grader, or meta["prompt_kind"]).
 _THINK_MATH = "Please reason step by step, and put your final answer within \\boxed{}."
-_PLAIN_MATH = ("Solve the problem step by step, one short sentence per step. "
-               "End with a last line of the form 'Final answer: <answer>'.")
+_PLAIN_MATH = PLAIN.instruction  # what the command line appends to a plain model's question, too
 INSTRUCTIONS: dict[str, dict[str, str]] = {
     "think": {
         "math": _THINK_MATH,

@@ -6,7 +6,9 @@ import re
 from collections.abc import Callable
 
 from ..errors import StepscopeError
+from ..profiles import PROFILES
 from .datasets import Problem
+from .grader_inputs import ChoiceTask
 
 __all__ = [
     "clean_answer",
@@ -27,7 +29,8 @@ _FINAL_LINE = re.compile(
 # special tokens such as <|im_end|> or <｜end▁of▁sentence｜> are not part of an answer
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>\s]{1,40}\|>|<｜[^｜>]{1,40}｜>")
 _ANSWER_TAG = re.compile(r"(?is)<answer>(.*?)</answer>")
-_SUMMARY_MARKERS = (re.compile(r"</think>"), re.compile(r"<\|channel\|>final.*?<\|message\|>", re.DOTALL))
+# where the summary starts, as the format profiles define it (</think>, the harmony final channel)
+_SUMMARY_MARKERS = tuple(re.compile(p.summary_after) for p in PROFILES.values() if p.summary_after)
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)(?:```|\Z)", re.DOTALL)
 _CODE_LIKE = re.compile(r"(?m)^\s*(?:def |class |import |from \S+ import )")
 
@@ -187,7 +190,7 @@ def _unit_follows(rest: str) -> bool:
     if _PROSE_PAREN.match(rest.lstrip()) and rest[:1].isspace():
         return True
     word = re.match(r"\s+([A-Za-z][A-Za-z'-]*)", rest)
-    return bool(word) and word.group(1).lower() not in _MATH_WORDS
+    return word is not None and word.group(1).lower() not in _MATH_WORDS
 
 
 def _trim(expr: str) -> str:
@@ -253,7 +256,7 @@ def _numbers_at_start(expr: str) -> tuple[list[str], str] | None:
         rest = after
         sep = _NUM_LIST_SEP.match(rest)
         lead = _LEAD_NUM.match(rest, sep.end()) if sep else None
-        if lead:
+        if sep and lead:
             joined_by_or = "or" in sep.group(0)
             rest = rest[sep.end():]
             lead = _LEAD_NUM.match(rest)
@@ -266,9 +269,9 @@ def _reduce(expr: str) -> str:
     """The first complete expression of a clause: a number loses its unit, words before a lone number go."""
     expr = _trim(re.sub(r"^(?i:negative)\s+(?=\d)", "-", _FILLER.sub("", _trim(expr))))
     parts = [p.strip() for p in re.split(r",|\bor\b|\band\b", expr)]
-    values = [_ASSIGNMENT.fullmatch(p) for p in parts]
-    if len(parts) > 1 and all(values) and "\\" not in expr:  # "x = 2 or x = -3": the solutions
-        return ", ".join(_reduce(v.group(1)) for v in values)
+    assignments = [m for m in (_ASSIGNMENT.fullmatch(p) for p in parts) if m]
+    if len(parts) > 1 and len(assignments) == len(parts) and "\\" not in expr:  # "x = 2 or x = -3": the solutions
+        return ", ".join(_reduce(m.group(1)) for m in assignments)
     equals = _depth0(expr, "=")
     if equals and "\\" not in expr and not re.search(r"[<>≤≥]", expr):
         # "4 - 1 = 3" states its result last; "4.5 hours = 4 hours 30 minutes" is stated first
@@ -344,13 +347,14 @@ def numeric_value(text: str) -> float | None:
     t = re.sub(r"^[$€£¥]\s*", "", t)
     frac = re.match(r"(-?)\\[dt]?frac\{\s*(\d+(?:\.\d+)?)\s*\}\{\s*(\d+(?:\.\d+)?)\s*\}", t)
     lead = None if frac else _LEAD_NUM.match(t)
-    if not (frac or lead) or not _unit_tail(t[(frac or lead).end():]):
+    found = frac or lead
+    if found is None or not _unit_tail(t[found.end():]):
         return None
     try:
         if frac:
             value = float(frac.group(2)) / float(frac.group(3))
             return -value if frac.group(1) else value
-        token = _plain_number(lead.group(0))
+        token = _plain_number(found.group(0))  # no fraction: ``found`` is ``lead``
         if "/" in token:
             num, den = token.split("/")
             return float(num) / float(den)
@@ -391,7 +395,7 @@ def _extract_rg(problem: Problem, response: str) -> str | None:
 
 
 def _letters(problem: Problem) -> str:
-    return str(problem.meta.get("choices", "ABCD"))
+    return str(problem.task.letters) if isinstance(problem.task, ChoiceTask) else "ABCD"
 
 
 # Words after which a capital "A" (or a lower-case letter) is an option, not the article: "A because ...".

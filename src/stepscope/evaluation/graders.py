@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from ..errors import StepscopeError
 from ..extras import require
+from ..sandbox.pool import map_isolated
 from .code_grading import grade_code
 from .datasets import Problem
 from .extract import clean_answer, extract_answer, numeric_value, strip_special_tokens
-from .pool import map_isolated
+from .grader_inputs import RgTask
 from .verdict import Grade
 
 __all__ = ["DEFAULT_TIMEOUT_S", "GRADING_MODES", "Grade", "GradingConfig", "extract_answer", "grade", "grade_many"]
@@ -78,7 +79,8 @@ def _grade_math(problem: Problem, response: str, timeout_s: float) -> Grade:
         return Grade(True, pred, "same text")
     gold_value, pred_value = numeric_value(problem.answer), numeric_value(pred)
     numeric = gold_value is not None and pred_value is not None
-    if numeric and math.isclose(gold_value, pred_value, rel_tol=1e-9, abs_tol=1e-9):
+    if gold_value is not None and pred_value is not None \
+            and math.isclose(gold_value, pred_value, rel_tol=1e-9, abs_tol=1e-9):
         return Grade(True, pred, "numeric")
     seconds = _timeout(timeout_s)
     gold_parsed = parse(f"\\boxed{{{problem.answer}}}", parsing_timeout=seconds)
@@ -162,13 +164,13 @@ def _rg_scorer(task: str, params_json: str, seed: int, size: int) -> Callable[[s
 
 
 def _grade_rg(problem: Problem, response: str, timeout_s: float) -> Grade:
-    meta = problem.meta
-    if "entry" not in meta or "task" not in meta:
+    task = problem.task
+    if not isinstance(task, RgTask):
         raise StepscopeError(f"problem {problem.id} has no reasoning-gym entry; load it with load_problems('rg:...')")
     pred = extract_answer(problem, response)
-    params = json.dumps(meta.get("rg_params", {}), sort_keys=True, default=repr)
-    scorer = _rg_scorer(meta["task"], params, int(meta.get("seed", 0)), int(meta.get("size", 100)))
-    score = float(scorer(pred, meta["entry"]))
+    params = json.dumps(task.params, sort_keys=True, default=repr)
+    scorer = _rg_scorer(task.task, params, int(task.seed), int(task.size))
+    score = float(scorer(pred, task.entry))
     return Grade(score >= 1.0, pred, f"reasoning-gym score {score:.3g}")
 
 
@@ -219,10 +221,12 @@ def grade_many(
 ) -> list[Grade]:
     """Grade many responses in worker processes; ``workers=0`` grades in this process (no isolation)."""
     if len(problems) != len(responses):
-        raise StepscopeError(f"got {len(problems)} problems but {len(responses)} responses; pass one response per problem")
+        raise StepscopeError(f"got {len(problems)} problems but {len(responses)} responses; pass one response per "
+                             "problem")
     for problem in problems:
         if problem.grader not in _GRADE_FUNCS:
-            raise StepscopeError(f"unknown grader {problem.grader!r} in {problem.id}; choose one of {', '.join(_GRADE_FUNCS)}")
+            raise StepscopeError(f"unknown grader {problem.grader!r} in {problem.id}; choose one of "
+                                 f"{', '.join(_GRADE_FUNCS)}")
     items = [(p, r or "", float(timeout_s), config) for p, r in zip(problems, responses)]
     if workers <= 0 or not items:
         return [_grade_item(item) for item in items]

@@ -52,6 +52,8 @@ PROMPT_FIELDS = ("prompt", "question", "problem", "input", "query")
 RESPONSE_FIELDS = ("response", "completion", "output", "generation", "generated_text", "model_output", "text")
 GOLD_FIELDS = ("gold", "answer", "target", "ground_truth", "reference", "solution")
 ID_FIELDS = ("problem_id", "id", "question_id", "task_id", "idx", "doc_id")
+# sampling fields read from an OpenAI-style / vLLM request
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop", "max_tokens")
 _FINISH = {"stop": "eos", "eos": "eos", "length": "length", "max_tokens": "length"}
 # How a response whose reasoning a server returned apart (vLLM's reasoning parsers) is put back together, per
 # trace profile: the model wrote the reasoning, then the marker that ends it, then the answer.
@@ -129,7 +131,8 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
                 if whole is not None:
                     yield from _whole_object(path, whole)
                     return
-            raise StepscopeError(f"{path}:{lineno} is not valid JSON ({e.msg}); write one JSON object per line") from None
+            raise StepscopeError(f"{path}:{lineno} is not valid JSON ({e.msg}); "
+                                 "write one JSON object per line") from None
         yield index, f"{path}:{lineno}", obj
         index += 1
 
@@ -240,7 +243,7 @@ def read_openai(path: str | os.PathLike, *, id_field: str | None = None) -> list
     ``response.body`` (batch files). One sample per choice."""
     path = Path(path)
     out = []
-    for row, where, obj in _rows(path):
+    for _row, where, obj in _rows(path):
         obj = _require_object(obj, where)
         request = _nested(obj, ("request", "body"), ("body",))
         response = _nested(obj, ("response", "body"), ("response",))
@@ -269,8 +272,7 @@ def read_openai(path: str | os.PathLike, *, id_field: str | None = None) -> list
             raise StepscopeError(f"{where} has no 'prompt' or 'messages' (put the request beside the choices)")
         pid = _problem_id(obj, (id_field,) if id_field else ("problem_id",))
         model = obj.get("model") or response.get("model") or request.get("model")
-        sampling = {k: request.get(k, obj.get(k)) for k in ("temperature", "top_p", "max_tokens")
-                    if request.get(k, obj.get(k)) is not None}
+        sampling = {k: request.get(k, obj.get(k)) for k in _SAMPLING_KEYS if request.get(k, obj.get(k)) is not None}
         question = _question_of(messages) if messages else (prompt or "")
         for k, choice in enumerate(choices):
             cw = f"{where} (choice {k})"
@@ -330,7 +332,7 @@ def read_lm_eval(path: str | os.PathLike) -> list[ImportedSample]:
     task = match.group(1) if match else path.stem
     stepflow = _lm_eval_stepflow(path, match.group(2) if match else None)
     out = []
-    for row, where, obj in _rows(path):
+    for _row, where, obj in _rows(path):
         obj = _require_object(obj, where)
         for name in ("doc_id", "arguments", "resps"):
             if name not in obj:
@@ -347,9 +349,11 @@ def read_lm_eval(path: str | os.PathLike) -> list[ImportedSample]:
         if gen_kwargs is None or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise StepscopeError(f"{where} is a scored-continuation (loglikelihood) sample: lm-eval generated "
                                  "nothing there; import the samples of generate_until tasks")
-        doc = obj.get("doc") if isinstance(obj.get("doc"), dict) else {}
-        question = next((str(doc[k]) for k in ("question", "problem", "prompt", "input") if isinstance(doc.get(k), str)),
-                        first[0])
+        doc = obj.get("doc")
+        if not isinstance(doc, dict):
+            doc = {}
+        question = next((str(doc[k]) for k in ("question", "problem", "prompt", "input")
+                         if isinstance(doc.get(k), str)), first[0])
         metrics = obj.get("metrics") or []
         scores = {m: obj[m] for m in metrics if m in obj}
         temperature = gen_kwargs.get("temperature")
@@ -400,12 +404,15 @@ def read_lighteval(path: str | os.PathLike) -> list[ImportedSample]:
         gi = gi[0] if isinstance(gi, list) and gi else gi
         if isinstance(gi, int) and 0 <= gi < len(choices):
             gold = _gold(choices[gi])
-        metric = obj.get("metric") if isinstance(obj.get("metric"), dict) else _json_field(obj, "metric", where)
+        metric = obj.get("metric")
+        if not isinstance(metric, dict):
+            metric = _json_field(obj, "metric", where)
         pid = str(doc["id"]) if doc.get("id") not in (None, "") else str(row)
         for k, text in enumerate(texts):
             ids = _ids(outputs[k], "output_tokens", where) if k < len(outputs) and outputs[k] else None
             out.append(ImportedSample(
-                file=str(path), where=f"{where} (generation {k})", response=_text(text, "the generation", where), prompt=prompt,
+                file=str(path), where=f"{where} (generation {k})", response=_text(text, "the generation", where),
+                prompt=prompt,
                 messages=messages, prompt_mode="chat" if messages else "raw",
                 question=str(doc.get("original_query") or doc.get("query") or prompt or ""), prompt_ids=prompt_ids,
                 response_ids=ids, problem_id=f"{task}/{pid}", gold=gold, scores=metric, stepflow=stepflow))
@@ -429,9 +436,10 @@ def _lighteval_stepflow(path: Path) -> dict | None:
     if not isinstance(model_config, dict) or model_config.get("stepflow") is not True:
         return None
     try:
-        return stepflow_config({k: model_config[k] for k in FIELDS if k in model_config}).to_dict()
+        config = stepflow_config({k: model_config[k] for k in FIELDS if k in model_config})
     except StepscopeError:
         return None
+    return None if config is None else config.to_dict()
 
 
 def _json_field(obj: Mapping, name: str, where: str) -> dict:
@@ -454,7 +462,7 @@ def read_plain(path: str | os.PathLike, *, prompt_field: str | None = None, resp
     of them in ``responses``; optional gold and id fields."""
     path = Path(path)
     out = []
-    for row, where, obj in _rows(path):
+    for _row, where, obj in _rows(path):
         obj = _require_object(obj, where)
         messages = None
         if "messages" in obj and (prompt_field is None or prompt_field == "messages"):
@@ -476,7 +484,7 @@ def read_plain(path: str | os.PathLike, *, prompt_field: str | None = None, resp
             question = _question_of(messages)
         else:
             pname, pvalue = _pick(obj, (prompt_field,) if prompt_field else PROMPT_FIELDS)
-            if pvalue is None:
+            if pname is None:  # _pick found no field (it gives a name exactly when it gives a value)
                 raise StepscopeError(f"{where} has no prompt field ({prompt_field or 'prompt, question, ...'}; "
                                      f"fields: {', '.join(map(str, obj))}); name it with --prompt-field")
             prompt = _text(pvalue, pname, where)
@@ -697,7 +705,7 @@ def import_samples(
     from .. import __version__  # avoid a cycle at import time
     from ..profiles import get_profile
     from ..trace import Trace
-    from .runner import RESULTS_NAME, RUN_NAME, TRACES_DIR
+    from .store import RESULTS_NAME, RUN_NAME, TRACES_DIR
 
     if not samples:
         raise StepscopeError("there are no samples to import")
@@ -777,17 +785,22 @@ def import_samples(
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "max_new_tokens")):
         if first_sampling.get(src) is not None:
             config[dst] = first_sampling[src]
+    # the rest as the request gave it (vLLM's top_k -1 means off), under the key eval's own results use
+    rest = {k: first_sampling[k] for k in ("top_k", "min_p", "repetition_penalty", "stop")
+            if first_sampling.get(k) is not None}
+    if isinstance(rest.get("stop"), str):
+        rest["stop"] = [rest["stop"]]
+    if rest:
+        config["sampling"] = rest
 
     out.mkdir(parents=True, exist_ok=True)
     stems = _trace_stems(first_seen)
     warn_counts: Counter[str] = Counter()
     bar = None
     if progress:
-        import sys
+        from .. import progress as progress_
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(samples), desc="import", unit="sample", file=sys.stderr, dynamic_ncols=True)
+        bar = progress_.bar(len(samples), "import", "sample")  # stderr; plain periodic lines in a log
     right = 0
     first_trace = None
     try:

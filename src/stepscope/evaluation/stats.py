@@ -219,7 +219,9 @@ def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int, chunk: int = 20
     return out
 
 
-def bootstrap_ci(values: Iterable[float], *, n_boot: int = 10000, alpha: float = 0.05, seed: int = 0) -> ConfidenceInterval:
+def bootstrap_ci(
+    values: Iterable[float], *, n_boot: int = 10000, alpha: float = 0.05, seed: int = 0
+) -> ConfidenceInterval:
     """Percentile bootstrap interval of the mean (for accuracy: per-problem scores)."""
     _check_alpha(alpha)
     array = _vector(values, "values")
@@ -234,7 +236,8 @@ def paired_bootstrap_ci(
     """Interval of the mean per-problem difference ``b - a``, resampling problems (keeps the pairing)."""
     x, y = _vector(a, "baseline scores"), _vector(b, "comparison scores")
     if x.size != y.size:
-        raise StepscopeError(f"paired scores differ in length ({x.size} vs {y.size}); use the same problems in both runs")
+        raise StepscopeError(f"paired scores differ in length ({x.size} vs {y.size}); "
+                             "use the same problems in both runs")
     return bootstrap_ci(y - x, n_boot=n_boot, alpha=alpha, seed=seed)
 
 
@@ -264,7 +267,7 @@ def simultaneous_band(observed: np.ndarray, resampled: np.ndarray, *, alpha: flo
     """
     _check_alpha(alpha)
     obs = np.asarray(observed, dtype=float)
-    boot = np.asarray(resampled, dtype=float).reshape((-1,) + obs.shape)
+    boot = np.asarray(resampled, dtype=float).reshape(-1, *obs.shape)
     if boot.shape[0] < 2:
         raise StepscopeError("simultaneous_band needs at least two resamples")
     sd = boot.std(axis=0, ddof=1)
@@ -536,7 +539,8 @@ def permutation_test(x: Iterable[float], y: Iterable[float], *, n_resamples: int
         sq += float((null**2).sum())
         count += b
     return PermutationResult(observed, (1 + hits) / (1 + count), n,
-                             f"Monte Carlo permutation ({count} resamples, +1 correction)", math.sqrt(sq / count), count)
+                             f"Monte Carlo permutation ({count} resamples, +1 correction)",
+                             math.sqrt(sq / count), count)
 
 
 def sign_flip_test(d: Iterable[float], *, n_resamples: int = 9999, exact_max_n: int = 20,
@@ -575,12 +579,12 @@ def sign_flip_test(d: Iterable[float], *, n_resamples: int = 9999, exact_max_n: 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm-adjusted p-values (step-down, monotone, capped at 1) in the input order; None entries are not tests."""
-    idx = [i for i, p in enumerate(p_values) if p is not None]
-    m = len(idx)
+    tested = [(i, float(p)) for i, p in enumerate(p_values) if p is not None]
+    m = len(tested)
     out: list[float | None] = [None] * len(p_values)
     running = 0.0
-    for rank, i in enumerate(sorted(idx, key=lambda i: p_values[i])):
-        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+    for rank, (i, p) in enumerate(sorted(tested, key=lambda ip: ip[1])):  # stable: ties keep the input order
+        running = max(running, min(1.0, (m - rank) * p))
         out[i] = running
     return out
 
@@ -594,13 +598,13 @@ def mde(standard_error: float, alpha: float = 0.05, power: float = 0.8) -> float
 # --- clustered resampling -------------------------------------------------------------------------------------------
 
 
-def cluster_codes(clusters: Sequence) -> tuple[np.ndarray, int]:
+def cluster_codes(clusters: Sequence | np.ndarray) -> tuple[np.ndarray, int]:
     """Integer codes 0..k-1 of cluster labels (compared as strings) and the number of clusters k."""
     _, codes = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
     return codes.astype(np.int64), int(codes.max()) + 1 if len(codes) else 0
 
 
-def cluster_weights(clusters: Sequence, n_boot: int, seed: int = 0) -> np.ndarray:
+def cluster_weights(clusters: Sequence | np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
     """(n_boot, n) observation weights of a cluster bootstrap: each resample draws clusters with replacement and an
     observation weighs as often as its cluster was drawn."""
     if n_boot < 1:
@@ -614,8 +618,8 @@ def cluster_weights(clusters: Sequence, n_boot: int, seed: int = 0) -> np.ndarra
     return counts[:, codes].astype(float)
 
 
-def cluster_bootstrap_ci(values: Iterable[float], clusters: Sequence, *, n_boot: int = 2000, alpha: float = 0.05,
-                         seed: int = 0) -> ConfidenceInterval:
+def cluster_bootstrap_ci(values: Iterable[float], clusters: Sequence | np.ndarray, *, n_boot: int = 2000,
+                         alpha: float = 0.05, seed: int = 0) -> ConfidenceInterval:
     """Percentile interval of the mean, resampling whole clusters (problems): samples of one problem move together."""
     _check_alpha(alpha)
     array = _vector(values, "values")
@@ -627,8 +631,8 @@ def cluster_bootstrap_ci(values: Iterable[float], clusters: Sequence, *, n_boot:
     return ConfidenceInterval(float(array.mean()), float(low), float(high), 1 - alpha, int(array.size))
 
 
-def cluster_bootstrap_band(matrix: np.ndarray, clusters: Sequence, *, n_boot: int = 2000, alpha: float = 0.05,
-                           seed: int = 0) -> Band:
+def cluster_bootstrap_band(matrix: np.ndarray, clusters: Sequence | np.ndarray, *, n_boot: int = 2000,
+                           alpha: float = 0.05, seed: int = 0) -> Band:
     """Pointwise band of the column-wise mean (one row per trace), resampling whole clusters."""
     _check_alpha(alpha)
     array = np.asarray(matrix, dtype=float)
@@ -640,8 +644,8 @@ def cluster_bootstrap_band(matrix: np.ndarray, clusters: Sequence, *, n_boot: in
     return Band(array.mean(axis=0), low, high, 1 - alpha, int(array.shape[0]), means)
 
 
-def cluster_bootstrap_diff(values: np.ndarray, in_first: np.ndarray, clusters: Sequence, *, n_boot: int = 2000,
-                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def cluster_bootstrap_diff(values: np.ndarray, in_first: np.ndarray, clusters: Sequence | np.ndarray, *,
+                           n_boot: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Difference of group means (first - second), observed and per cluster-bootstrap resample.
 
     ``values``: (n,) or (n, L). Resamples in which a group draws no observation are dropped (returned as NaN rows
@@ -755,8 +759,8 @@ def freedman_lane(y: Iterable[float], group: Iterable[bool], covariates: np.ndar
                           math.sqrt(sq / count), int(rank_z))
 
 
-def cluster_bootstrap_coef(y: np.ndarray, X: np.ndarray, clusters: Sequence, *, column: int = 0, n_boot: int = 1000,
-                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def cluster_bootstrap_coef(y: np.ndarray, X: np.ndarray, clusters: Sequence | np.ndarray, *, column: int = 0,
+                           n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Coefficient ``column`` of least squares ``y ~ X``, observed and per cluster-bootstrap resample.
 
     ``y``: (n,) or (n, L) (several outcomes share the design: per-layer curves). Weighted least squares with the

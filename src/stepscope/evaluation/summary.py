@@ -12,16 +12,27 @@ import math
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import StepscopeError
-from .runner import RunConfig, merge_results, read_run_file, result_files
-from .stats import (ConfidenceInterval, TestResult, bootstrap_ci, mcnemar_exact, mean_pass_at_k, paired_bootstrap_ci,
-                    paired_power_explanation, sign_test)
+from .run_config import RunConfig
+from .stats import (
+    ConfidenceInterval,
+    TestResult,
+    bootstrap_ci,
+    mcnemar_exact,
+    mean_pass_at_k,
+    paired_bootstrap_ci,
+    paired_power_explanation,
+    sign_test,
+)
+from .store import merge_results, read_run_file, result_files
 
 __all__ = ["Comparison", "ConditionSummary", "Summary", "load_summary", "pass_at_k_values", "report",
            "settings_from_records", "settings_from_run", "summarize"]
@@ -160,8 +171,9 @@ class Summary:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
-        _write_atomic(paths[0], json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        _write_atomic(paths[1], self.to_markdown())
+        # atomically: shard processes finishing together never mix their writes
+        write_json_atomic(paths[0], self.to_dict())
+        write_text_atomic(paths[1], self.to_markdown())
         if plot and self.conditions:
             from ..extras import MissingExtraError
             from ..figures import parse_formats, save_figure
@@ -170,7 +182,7 @@ class Summary:
             try:
                 fig = self.plot()
             except MissingExtraError as e:  # after a long run the numbers matter more than the picture
-                warnings.warn(f"{e}; the summary figure was skipped")
+                warnings.warn(f"{e}; the summary figure was skipped", stacklevel=2)
                 return paths
             for fmt in formats:
                 final = directory / f"{stem}.{fmt}"
@@ -178,13 +190,6 @@ class Summary:
                 os.replace(save_figure(fig, directory / f".{stem}.{os.getpid()}.tmp.{fmt}"), final)
                 paths.append(final)
         return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Through a temporary file and a rename: shard processes finishing together never mix their writes."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _ci_dict(ci: ConfidenceInterval) -> dict:
@@ -308,7 +313,7 @@ def settings_from_records(records: Sequence[Mapping[str, Any]]) -> dict:
     settings: dict[str, Any] = {"conditions": {}}
     for r in records:
         cfg = r.get("config") or {}
-        for key in ("model", "dataset", "n", "temperature", "top_p", "max_new_tokens", "seed", "run"):
+        for key in ("model", "dataset", "n", "temperature", "top_p", "max_new_tokens", "seed", "run", "sampling"):
             if key in cfg and key not in settings:
                 settings[key] = cfg[key]
         settings["conditions"].setdefault(str(r["condition"]), cfg.get("stepflow"))
@@ -322,8 +327,8 @@ def settings_from_run(run: Mapping[str, Any]) -> dict:
     dataset = dict(config.dataset)
     return {"model": config.model, "dataset": dataset.pop("name", "?"), "dataset_params": dataset,
             "problems": config.num_problems, "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
-            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "profile": config.profile,
-            "conditions": {c.name: c.stepflow_dict() for c in config.conditions},
+            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "sampling": s.config.to_dict(),
+            "profile": config.profile, "conditions": {c.name: c.stepflow_dict() for c in config.conditions},
             "layers": run.get("info", {}).get("layers", {}), "run": run.get("run_id"),
             "stepscope_version": run.get("info", {}).get("stepscope_version")}
 
@@ -370,6 +375,24 @@ def _layer_text(resolved, given, side: str, fraction) -> str:
     return "layers " + (",".join(runs) or "none")
 
 
+# sampling settings shown in the table only when set (a run made before they existed has them off)
+_SAMPLING_ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("top_k", "top-k", 0), ("min_p", "min-p", 0.0), ("repetition_penalty", "repetition penalty", 1.0),
+    ("stop", "stop strings", []),
+)
+
+
+def _sampling_rows(sampling: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    sampling = sampling or {}
+    rows = []
+    for key, label, off in _SAMPLING_ROWS:
+        value = sampling.get(key, off)
+        if value != off:
+            rows.append((label, ", ".join(json.dumps(v, ensure_ascii=False) for v in value) if key == "stop"
+                         else value))
+    return rows
+
+
 def _settings_table(s: Summary) -> list[str]:
     st = s.settings
     params = st.get("dataset_params") or {}
@@ -379,8 +402,8 @@ def _settings_table(s: Summary) -> list[str]:
             ("problems", f"{s.problems} complete of {s.problems_seen} seen"
              + (f" ({len(s.incomplete)} incomplete, left out)" if s.incomplete else "")),
             ("samples per problem (n)", s.n), ("temperature", st.get("temperature", "?")),
-            ("top-p", st.get("top_p", "?")), ("max new tokens", st.get("max_new_tokens", "?")),
-            ("seed", st.get("seed", "?"))]
+            ("top-p", st.get("top_p", "?")), *_sampling_rows(st.get("sampling")),
+            ("max new tokens", st.get("max_new_tokens", "?")), ("seed", st.get("seed", "?"))]
     layers = st.get("layers") or {}
     for c in s.conditions:
         rows.append((f"StepFlow in `{c.name}`", _stepflow_text(c.stepflow, layers.get(c.name))))

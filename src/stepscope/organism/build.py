@@ -112,7 +112,7 @@ class BuildConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildConfig":
+    def from_dict(cls, d: dict) -> BuildConfig:
         """Settings from JSON (the ``settings`` block of organism.json, or any part of it); the rest default."""
         known = {"seed", "model", "train", "eval", "threads", "checkpoint_every", "log_every"}
         unknown = set(d) - known
@@ -138,7 +138,7 @@ class BuildConfig:
             raise StepscopeError(f"bad organism settings: {e}") from None
 
     def with_overrides(self, *, seed: int | None = None, steps: int | None = None, threads: int | None = None,
-                       eval_n: int | None = None) -> "BuildConfig":
+                       eval_n: int | None = None) -> BuildConfig:
         cfg = self
         if seed is not None:
             cfg = replace(cfg, seed=seed)
@@ -365,7 +365,8 @@ def new_model(settings: ModelSettings, tokenizer, seed: int):
         num_attention_heads=settings.heads,
         num_key_value_heads=settings.kv_heads,
         max_position_embeddings=settings.max_positions,
-        rope_theta=settings.rope_theta,
+        # transformers 5 still takes rope_theta (into rope_parameters) but its typed signature omits it; 4.x needs it
+        rope_theta=settings.rope_theta,  # type: ignore[call-arg]
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -402,7 +403,8 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
 
 def _train(config: BuildConfig, tokenizer, ckpt_root: Path, progress: bool, deadline: float | None = None):
     import torch
-    from tqdm.auto import tqdm
+
+    from .. import progress as progress_
 
     ts = config.train
     model = new_model(config.model, tokenizer, config.seed)
@@ -415,7 +417,7 @@ def _train(config: BuildConfig, tokenizer, ckpt_root: Path, progress: bool, dead
     exclude = heldout_questions(config)
     model.train()
     t_mark = time.perf_counter()
-    bar = tqdm(total=ts.steps, initial=state.step, desc="organism", unit="step", disable=not progress)
+    bar = progress_.bar(ts.steps, "organism", "step", enabled=progress, initial=state.step)
     try:
         while state.step < ts.steps:
             step = state.step
@@ -453,16 +455,20 @@ def _train(config: BuildConfig, tokenizer, ckpt_root: Path, progress: bool, dead
 
 
 def heldout_evaluation(model, tokenizer, config: BuildConfig, progress: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
+    from .. import progress as progress_
     from .evaluate import evaluate_difficulty
 
     ev = config.eval
     results = {}
-    for d in tqdm(ev.difficulties, desc="held-out eval", disable=not progress):
-        r = evaluate_difficulty(model, tokenizer, d, heldout_key(config.seed), ev.n_per_difficulty,
-                                ev.max_new_tokens, ev.batch_size)
-        results[d] = r.to_dict()
+    bar = progress_.bar(len(ev.difficulties), "held-out eval", "difficulty", enabled=progress)
+    try:
+        for d in ev.difficulties:
+            r = evaluate_difficulty(model, tokenizer, d, heldout_key(config.seed), ev.n_per_difficulty,
+                                    ev.max_new_tokens, ev.batch_size)
+            results[d] = r.to_dict()
+            bar.update(1)
+    finally:
+        bar.close()
     return results
 
 
@@ -512,7 +518,20 @@ def _save_model(model, tokenizer, metadata: dict, model_dir: Path) -> None:
 
 
 __all__ = [
-    "BuildConfig", "BuildPaused", "BuildResult", "training_batch", "EvalSettings", "ModelSettings", "TrainSettings", "build", "encode_batch",
-    "heldout_evaluation", "learning_rate", "new_model", "organism_root", "read_metadata", "training_problem",
+    "BuildConfig",
+    "BuildPaused",
+    "BuildResult",
+    "EvalSettings",
+    "ModelSettings",
+    "TrainSettings",
+    "build",
+    "encode_batch",
+    "heldout_evaluation",
+    "learning_rate",
     "list_checkpoints",
+    "new_model",
+    "organism_root",
+    "read_metadata",
+    "training_batch",
+    "training_problem",
 ]

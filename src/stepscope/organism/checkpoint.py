@@ -38,7 +38,8 @@ def save_checkpoint(root: Path, model, optimizer, state: TrainState, keep: int =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # clone(): tied embeddings share storage, which safetensors refuses; contiguous copies are independent.
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))

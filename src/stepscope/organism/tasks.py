@@ -1,11 +1,11 @@
 """Chained-quantity word problems with gold ``<think>`` solutions: the organism's training data and eval set.
 
 A problem states a few *premises* ("Mia has 8 coins.") and one *relation* per thinking step ("Mia's friend Ivy has 4
-more coins than Mia."). Step ``i`` defines a new person's count from the person defined at step ``i - 1`` (a *local* step), or
-from that person and a value stated in the question or computed at least ``reach`` steps back (a *long-range*
-step: the paper's premise-forgetting and carry-forward sites). Every step feeds the next, so any wrong step makes
-the final answer wrong. The gold solution restates each relation, reads the values it needs, computes, and states the result, one
-sentence per step:
+more coins than Mia."). Step ``i`` defines a new person's count from the person defined at step ``i - 1`` (a *local*
+step), or from that person and a value stated in the question or computed at least ``reach`` steps back (a
+*long-range* step: the paper's premise-forgetting and carry-forward sites). Every step feeds the next, so any wrong
+step makes the final answer wrong. The gold solution restates each relation, reads the values it needs, computes, and
+states the result, one sentence per step:
 
     First, Mia's friend Ivy has 4 more coins than Mia, and Mia has 8, and 8 + 4 = 12, so Ivy has 12.
 
@@ -291,7 +291,7 @@ def _step(i: int, name: str, op: str, near: Ref, refs: tuple[Ref, ...], constant
     reads = "".join(f", and {r.name} has {values[r.name]}" for r in refs)
     lead = "First," if i == 1 else "Then"
     text = f"{lead} {relation}{reads}, and {a} {symbol} {b} = {value}, so {name} has {value}."
-    return GoldStep(i, name, op, tuple(refs), constant, tuple(operands), symbol, value, long_range,
+    return GoldStep(i, name, op, tuple(refs), constant, operands, symbol, value, long_range,
                     relation + ".", text)
 
 
@@ -370,9 +370,9 @@ def evaluate_gold(problem: Problem) -> int:
     values = dict(problem.premises)
     for s in problem.steps:
         x = [values[r.name] for r in s.refs]
-        if s.op == "add":
+        if s.op == "add" and s.constant is not None:
             v = x[0] + s.constant
-        elif s.op == "sub":
+        elif s.op == "sub" and s.constant is not None:
             v = x[0] - s.constant
         elif s.op == "double":
             v = 2 * x[0]

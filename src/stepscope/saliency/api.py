@@ -3,24 +3,61 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import overload
 
+from ..defaults import BAND_FRACTION, CHUNK_MB, KEEP_MB, SALIENCY_TARGET
 from ..errors import StepscopeError
 from ..trace import Trace
 from .engine import SaliencyOptions, compute_batch
 from .result import StepSaliency, causal_counts
 
 
+@overload
 def step_saliency(
     model,
     tokenizer,
-    trace_or_traces: Trace | list[Trace],
+    trace_or_traces: Trace,
     *,
-    target: str = "all",
-    chunk_mb: float = 256.0,
-    keep_mb: float = 1024.0,
+    target: str = ...,
+    chunk_mb: float = ...,
+    keep_mb: float = ...,
+    batch_size: int = ...,
+    stepflow=...,
+    band_fraction: float = ...,
+    method: str = ...,
+    progress: bool = ...,
+) -> StepSaliency: ...
+
+
+@overload
+def step_saliency(
+    model,
+    tokenizer,
+    trace_or_traces: Sequence[Trace],
+    *,
+    target: str = ...,
+    chunk_mb: float = ...,
+    keep_mb: float = ...,
+    batch_size: int = ...,
+    stepflow=...,
+    band_fraction: float = ...,
+    method: str = ...,
+    progress: bool = ...,
+) -> list[StepSaliency]: ...
+
+
+def step_saliency(
+    model,
+    tokenizer,
+    trace_or_traces: Trace | Sequence[Trace],
+    *,
+    target: str = SALIENCY_TARGET,
+    chunk_mb: float = CHUNK_MB,
+    keep_mb: float = KEEP_MB,
     batch_size: int = 1,
     stepflow=None,
-    band_fraction: float = 0.25,
+    band_fraction: float = BAND_FRACTION,
     method: str = "auto",
     progress: bool = True,
 ) -> StepSaliency | list[StepSaliency]:
@@ -34,7 +71,7 @@ def step_saliency(
     flow with StepFlow's edits on (teacher-forced). The model is left exactly as it was.
     """
     single = isinstance(trace_or_traces, Trace)
-    traces = [trace_or_traces] if single else list(trace_or_traces)
+    traces: list[Trace] = [trace_or_traces] if isinstance(trace_or_traces, Trace) else list(trace_or_traces)
     if not traces:
         raise StepscopeError("no traces given")
     for t in traces:
@@ -63,7 +100,8 @@ def step_saliency(
         idx = order[start : start + batch_size]
         batch = [traces[i] for i in idx]
         t0 = time.perf_counter()
-        session = teacher_forced(model, tokenizer, stepflow, batch) if stepflow is not None else contextlib.nullcontext()
+        session = (teacher_forced(model, tokenizer, stepflow, batch) if stepflow is not None
+                   else contextlib.nullcontext())
         with session as sf:
             res = compute_batch(model, tokenizer, batch, opts, None if sf is None else sf.saliency_edit)
         seconds = time.perf_counter() - t0
@@ -76,4 +114,5 @@ def step_saliency(
             }
             out[i] = StepSaliency(res.sums[k].double().numpy(), causal_counts(t.steps), res.other[k].double().numpy(),
                                   list(t.steps), meta, band_fraction)
-    return out[0] if single else out  # type: ignore[return-value]
+    results = [r for r in out if r is not None]  # every trace is in exactly one batch
+    return results[0] if single else results

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +12,7 @@ from ..attention.dispatch import AttentionCall
 
 @dataclass
 class LayerRecord:
-    call: AttentionCall
+    call: AttentionCall | None  # None once the layer is pooled (its Q/K/V freed)
     grad_out: torch.Tensor | None = None
 
 
@@ -23,7 +23,7 @@ class Capture:
     wanted: Container[int] | None = None
     seen: set[int] = field(default_factory=set)
     records: dict[int, LayerRecord] = field(default_factory=dict)
-    on_grad: object = None  # optional callback(layer_idx, record) once dL/dO has arrived
+    on_grad: Callable[[int, LayerRecord], None] | None = None  # optional callback once dL/dO has arrived
 
     def __call__(self, call: AttentionCall, proceed):
         out, weights = proceed(call)

@@ -73,7 +73,7 @@ def weakest_points(result: StepSaliency) -> dict:
     out: dict = {"step": None, "step_share": None, "layer": None, "layer_reach": None}
     per_step = question_share_per_step(result, result.bands.shallow)
     if per_step:
-        label = min(per_step, key=per_step.get)
+        label = min(per_step, key=per_step.__getitem__)
         out["step"], out["step_share"] = label, per_step[label]
     reach = result.metrics.get("question_reach")
     if reach is not None and np.isfinite(reach).any():

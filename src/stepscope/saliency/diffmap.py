@@ -20,6 +20,7 @@ from .result import StepSaliency
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
 DIFF_CMAP = "RdBu_r"  # red = more saliency with the second condition, blue = less
 INVALID_COLOR = "#d9d9d9"
@@ -108,7 +109,7 @@ def plot_difference_maps(before: StepSaliency, after: StepSaliency, layers: Sequ
     fontsize = 8.0
     ticks = _tick_positions(before.steps, max(4, int(panel * 72 / (fontsize * 1.7))))
     tick_labels = [before.steps[i].label for i in ticks]
-    im = None
+    im: AxesImage | None = None
     for k, (ax, layer) in enumerate(zip(axes, layers)):
         col = k % ncols
         last_in_col = k + ncols >= n
@@ -124,6 +125,7 @@ def plot_difference_maps(before: StepSaliency, after: StepSaliency, layers: Sequ
                      fontweight="bold" if band else "normal")
     for ax in axes[n:]:
         ax.set_axis_off()
+    assert im is not None  # layers is not empty
     cbar = fig.colorbar(im, ax=axes[:n].tolist(), shrink=0.6, extend="both", pad=0.01, aspect=40)
     cbar.ax.tick_params(labelsize=fontsize)
     cbar.set_label("change in the share of the row's incoming saliency (points)", fontsize=fontsize + 1)

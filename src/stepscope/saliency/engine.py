@@ -17,29 +17,30 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.dispatch import install
+from ..attention.dispatch import install, require_interface
+from ..batch import model_device, pad_batch
+from ..defaults import CHUNK_MB, KEEP_MB, SALIENCY_TARGET, SALIENCY_TARGETS
 from ..errors import StepscopeError, UnsupportedModelError
-from ..families import decoder_layers, family_facts, final_norm, postprocess_logits
-from ..generation import left_pad, positions
+from ..families import FAMILIES, decoder_layers, family_facts, final_norm, postprocess_logits
+from ..segments import Segment
 from ..trace import Trace
 from .capture import Capture, LayerRecord
 from .pool import StepIndex, layer_step_sums
 
-TARGETS = ("all", "generated", "summary")
-
 
 @dataclass(frozen=True)
 class SaliencyOptions:
-    target: str = "all"  # which next-token losses make up L
-    chunk_mb: float = 256.0  # memory budget of one chunk of query rows
-    keep_mb: float = 1024.0  # memory for keeping top layers' graphs from the first pass (0: recompute all)
+    target: str = SALIENCY_TARGET  # which next-token losses make up L
+    chunk_mb: float = CHUNK_MB  # memory budget of one chunk of query rows
+    keep_mb: float = KEEP_MB  # memory for keeping top layers' graphs from the first pass (0: recompute all)
     loss_chunk: int = 512  # rows of logits computed at once for the loss
     method: str = "auto"  # "layerwise", "whole" or "auto"
     progress: bool = True
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise StepscopeError(f"unknown saliency target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        if self.target not in SALIENCY_TARGETS:
+            raise StepscopeError(f"unknown saliency target {self.target!r}; choose one of "
+                                 f"{', '.join(SALIENCY_TARGETS)}")
         if self.method not in ("auto", "layerwise", "whole"):
             raise StepscopeError("method must be auto, layerwise or whole")
         if self.chunk_mb <= 0:
@@ -67,7 +68,7 @@ def target_weights(traces: list[Trace], width: int, target: str, device) -> torc
             nxt = pos + 1
             if target == "generated" and nxt < t.prompt_len:
                 continue
-            if target == "summary" and seg[nxt] != 3:
+            if target == "summary" and seg[nxt] != Segment.SUMMARY:
                 continue
             chosen.append(pos)
         if not chosen:
@@ -80,15 +81,13 @@ def target_weights(traces: list[Trace], width: int, target: str, device) -> torc
 
 def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, prob_edit=None) -> BatchSums:
     """Saliency sums of a batch; ``prob_edit(layer)`` gives the attention edit active in that layer, if any."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     context = getattr(model.config, "max_position_embeddings", None)
     for t in traces:
         if context and len(t) > context:
             raise StepscopeError(f"a trace of {len(t)} tokens is longer than the model's context ({context})")
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad([t.token_ids for t in traces], pad_id, device)
-    pos = positions(mask)
-    width = ids.shape[1]
+    batch = pad_batch(model, tokenizer, [t.token_ids for t in traces])
+    ids, mask, pos, width = batch.ids, batch.mask, batch.positions, batch.width
     weights = target_weights(traces, width, opts.target, device)
     rows = []
     for t in traces:
@@ -99,6 +98,13 @@ def compute_batch(model, tokenizer, traces: list[Trace], opts: SaliencyOptions, 
     method = opts.method
     if method == "auto":
         method = "layerwise" if family_facts(model) is not None else "whole"
+    elif method == "layerwise" and family_facts(model) is None:
+        kind = getattr(model.config, "model_type", None) or type(model).__name__
+        raise StepscopeError(
+            f"method='layerwise' needs the layout of {kind!r} models (decoder layers, final norm, logit transform) "
+            f"from stepscope's family table, which lists {', '.join(sorted(FAMILIES))}; use method='whole' (or "
+            "'auto', which picks it), or add the family to stepscope.families.FAMILIES"
+        )
     edit = prob_edit
     runner = _layerwise if method == "layerwise" else _whole
     with _eval_mode(model):
@@ -126,18 +132,23 @@ def _eval_mode(model):
 def _finish(layer_sums, layer_other, n_layers, rows, losses) -> BatchSums:
     sums, other = [], []
     for b in range(len(rows)):
-        sums.append(torch.stack([layer_sums[l][b] for l in range(n_layers)]).cpu())
-        other.append(torch.stack([layer_other[l][b] for l in range(n_layers)]).cpu())
+        sums.append(torch.stack([layer_sums[layer][b] for layer in range(n_layers)]).cpu())
+        other.append(torch.stack([layer_other[layer][b] for layer in range(n_layers)]).cpu())
     return BatchSums(sums, other, losses)
 
 
-def _check_finite(t: torch.Tensor, what: str) -> None:
+def _check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Refuse NaN/inf in ``t``; ``dtype``: the model's, which the message names (``t`` may be upcast)."""
     # one reduction: a sum of finite values is finite (barring overflow, which the full check then confirms)
     if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-        raise StepscopeError(
-            f"non-finite values (NaN/inf) in {what}; the model overflows in {t.dtype} on this trace — "
-            "try --dtype float32"
-        )
+        name = str(dtype).removeprefix("torch.")
+        hint = " (it overflows easily in half precision: try --dtype float32)" if dtype.itemsize < 4 else ""
+        raise StepscopeError(f"non-finite values (NaN/inf) in {what}; the model computes NaN/inf in {name} on this "
+                             f"trace{hint}")
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _bar(total, enabled, desc):
@@ -147,17 +158,7 @@ def _bar(total, enabled, desc):
 
 
 def _layer_kinds(model, capture: Capture, n_layers: int) -> None:
-    missing = sorted(set(range(n_layers)) - capture.seen)
-    if len(missing) == n_layers:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no layer called a softmax attention function through transformers' "
-            "AttentionInterface, so Step-Saliency (attention x gradient over softmax weights) is not defined"
-        )
-    if missing:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: layers {missing} do not use softmax attention through AttentionInterface "
-            "(linear/recurrent layers?); Step-Saliency needs softmax attention in every layer"
-        )
+    require_interface(model, capture.seen, range(n_layers), "Step-Saliency needs softmax attention in every layer")
 
 
 class _FirstPass:
@@ -170,10 +171,11 @@ class _FirstPass:
         self.inputs: dict[int, tuple] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (input leaf, output)
+        self._leaves: dict[int, torch.Tensor] = {}  # layer -> input leaf, until the layer's output arrives
         self.kept: set[int] = set()
         self._probe_bytes = 0
         self._probe_storages: set[int] = set()
-        self._ctx = None
+        self._ctx: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
@@ -193,7 +195,7 @@ class _FirstPass:
                 self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
                 self._ctx.__enter__()
             leaf = _hidden_state(args, kwargs).detach().requires_grad_(True)
-            self.graphs[i] = (leaf, None)
+            self._leaves[i] = leaf
             return _with_hidden_state(args, kwargs, leaf)
 
         return hook
@@ -207,18 +209,25 @@ class _FirstPass:
                 per_layer = max(self._probe_bytes, 1)
                 keep = min(self.n - 1, int(self.keep_mb * 2**20 // per_layer))
                 self.kept = set(range(self.n - keep, self.n))
-                del self.graphs[0]
+                del self._leaves[0]
                 torch.set_grad_enabled(False)
                 out = out.detach()  # the probe's graph is not kept
                 self.outputs[i] = out
                 return out
             self.outputs[i] = out
             if i in self.kept:
-                self.graphs[i] = (self.graphs[i][0], out)
+                self.graphs[i] = (self._leaves.pop(i), out)
                 torch.set_grad_enabled(i + 1 in self.kept)  # the layers above run with or without gradients
             return None
 
         return hook
+
+    def close(self) -> None:
+        """Leave the probe's saved-tensor hooks if layer 0 never finished (an error inside it): they are
+        process-wide state and would otherwise intercept every autograd graph from then on."""
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
 
     def __contains__(self, layer) -> bool:
         """Whether the Capture should record ``layer`` in the first pass: kept layers get their gradients later,
@@ -237,6 +246,7 @@ def _with_hidden_state(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tupl
 
 
 def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
+    dtype = _model_dtype(model)
     layers = decoder_layers(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     first = _FirstPass(n_layers, opts.keep_mb, params)
@@ -249,6 +259,7 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
         with install(model, capture, outermost=True), torch.no_grad():
             model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     finally:
+        first.close()
         for h in handles:
             h.remove()
     _layer_kinds(model, capture, n_layers)
@@ -264,7 +275,7 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
     layer_sums, layer_other = {}, {}
     capture = Capture(wanted=set())
     bar = _bar(n_layers, opts.progress, "step-saliency")
-    with install(model, capture, outermost=True):
+    with install(model, capture, outermost=True), contextlib.closing(bar):
         for i in reversed(range(n_layers)):
             args, kwargs = inputs.pop(i)
             if i in first.graphs:  # graph kept from the first pass
@@ -280,15 +291,14 @@ def _layerwise(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> Ba
                     out = out[0] if isinstance(out, tuple) else out
                     (grad,) = torch.autograd.grad(out, hidden_input, grad_outputs=grad)
                 rec = capture.records.get(i)
-            if rec is None or rec.grad_out is None:
+            if rec is None or rec.call is None or rec.grad_out is None:
                 raise UnsupportedModelError(f"layer {i} of {type(model).__name__} gave no attention gradient")
-            _check_finite(rec.grad_out, f"the attention-output gradient of layer {i}")
+            _check_finite(rec.grad_out, f"the attention-output gradient of layer {i}", dtype)
             layer_sums[i], layer_other[i] = layer_step_sums(
                 rec.call, rec.grad_out, rows, budget_mb=opts.chunk_mb, edit=_bind(edit, i)
             )
             del rec, out
             bar.update(1)
-    bar.close()
     return _finish(layer_sums, layer_other, n_layers, rows, losses)
 
 
@@ -298,10 +308,11 @@ def _bind(prob_edit, layer):
 
 def _loss_grad(model, h_last, ids, weights, loss_chunk):
     """dL/dh of the last layer's output, computing logits a chunk of positions at a time."""
+    dtype = _model_dtype(model)
     norm = final_norm(model)
     head = model.get_output_embeddings()
     grad = torch.zeros_like(h_last)
-    B, T = ids.shape
+    B, _ = ids.shape
     losses = [0.0] * B
     for b in range(B):
         cols = torch.nonzero(weights[b]).flatten()
@@ -310,7 +321,7 @@ def _loss_grad(model, h_last, ids, weights, loss_chunk):
             h = h_last[b, sel].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = postprocess_logits(model, head(norm(h))).float()
-                _check_finite(logits, "the logits")
+                _check_finite(logits, "the logits", dtype)
                 ce = torch.nn.functional.cross_entropy(logits, ids[b, sel + 1], reduction="none")
                 loss = (ce * weights[b, sel]).sum()
                 (g,) = torch.autograd.grad(loss, h)
@@ -320,11 +331,14 @@ def _loss_grad(model, h_last, ids, weights, loss_chunk):
 
 
 def _whole(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchSums:
+    dtype = _model_dtype(model)
     layer_sums, layer_other = {}, {}
     bar = _bar(n_layers, opts.progress, "step-saliency")
 
-    def on_grad(layer, rec: LayerRecord):
-        _check_finite(rec.grad_out, f"the attention-output gradient of layer {layer}")
+    def on_grad(layer: int, rec: LayerRecord) -> None:
+        # the Capture's hook sets grad_out before it calls this, and the call is freed only below
+        assert rec.call is not None and rec.grad_out is not None
+        _check_finite(rec.grad_out, f"the attention-output gradient of layer {layer}", dtype)
         layer_sums[layer], layer_other[layer] = layer_step_sums(
             rec.call, rec.grad_out, rows, budget_mb=opts.chunk_mb, edit=_bind(edit, layer)
         )
@@ -332,15 +346,14 @@ def _whole(model, ids, mask, pos, weights, rows, n_layers, opts, edit) -> BatchS
         bar.update(1)
 
     capture = Capture(wanted=set(range(n_layers)), on_grad=on_grad)
-    with install(model, capture, outermost=True):
+    with install(model, capture, outermost=True), contextlib.closing(bar):
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         with torch.enable_grad():
             logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
             per_row = (ce * weights[:, :-1]).sum(-1)
-            _check_finite(per_row, "the loss")
+            _check_finite(per_row, "the loss", dtype)
             torch.autograd.grad(per_row.sum(), embeds)
-    bar.close()
     _layer_kinds(model, capture, n_layers)
     return _finish(layer_sums, layer_other, n_layers, rows, [float(x) for x in per_row])

@@ -7,8 +7,9 @@ Per-step shares are averaged over the steps they are defined for, each step weig
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import functools
+import operator
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -25,34 +26,6 @@ METRICS = (
 )
 
 
-@dataclass(frozen=True)
-class Bands:
-    """Shallow = the bottom ``fraction`` of layers, deep = the top ``fraction`` (both rounded up)."""
-
-    num_layers: int
-    fraction: float = 0.25
-
-    @property
-    def size(self) -> int:
-        return max(1, math.ceil(self.num_layers * self.fraction))
-
-    @property
-    def shallow(self) -> range:
-        return range(self.size)
-
-    @property
-    def deep(self) -> range:
-        return range(self.num_layers - self.size, self.num_layers)
-
-    def describe(self) -> dict:
-        return {
-            "num_layers": self.num_layers,
-            "fraction": self.fraction,
-            "shallow": [self.shallow.start, self.shallow.stop - 1],
-            "deep": [self.deep.start, self.deep.stop - 1],
-        }
-
-
 def _kind_index(steps: list[Step], kind: str) -> list[int]:
     return [i for i, s in enumerate(steps) if s.kind == kind]
 
@@ -60,6 +33,11 @@ def _kind_index(steps: list[Step], kind: str) -> list[int]:
 def _incoming(sums: np.ndarray, i: int) -> np.ndarray:
     """(L,) total saliency from step i into steps j <= i."""
     return sums[:, i, : i + 1].sum(-1)
+
+
+def _total(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """``sum(arrays)`` of a non-empty iterable, added in the same order (typed as an array, not ``array | 0``)."""
+    return functools.reduce(operator.add, arrays)
 
 
 def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -99,14 +77,14 @@ def compute_metrics(
         for name in ("summary_thinking_share", "summary_recency_share", "summary_block"):
             missing(name, "the trace has no summary")
     else:
-        total = sum(_incoming(sums, i) for i in su)
+        total = _total(_incoming(sums, i) for i in su)
         if not th:
             missing("summary_thinking_share", "the trace has no thinking steps")
         else:
-            from_thinking = sum(sums[:, i, th].sum(-1) for i in su)
+            from_thinking = _total(sums[:, i, th].sum(-1) for i in su)
             out["summary_thinking_share"] = _share(from_thinking, total)
         recent = th[-2:]
-        from_recent = sum(sums[:, i, [j for j in su if j <= i] + recent].sum(-1) for i in su)
+        from_recent = _total(sums[:, i, [j for j in su if j <= i] + recent].sum(-1) for i in su)
         out["summary_recency_share"] = _share(from_recent, total)
         out["summary_block"] = _block_mean(sums, counts, su)
     if not th:
@@ -147,7 +125,7 @@ def uniform_null_shares(counts: np.ndarray, steps: list[Step]) -> dict[str, floa
     """
     sums = np.asarray(counts, dtype=float)[None]
     values, _ = compute_metrics(sums, np.asarray(counts), np.zeros((1, len(steps))), steps)
-    return {k: None if values.get(k) is None else float(values[k][0]) for k in SHARE_METRICS}
+    return {k: None if (v := values.get(k)) is None else float(v[0]) for k in SHARE_METRICS}
 
 
 def net_shares(metrics: dict[str, np.ndarray | None], counts: np.ndarray, steps: list[Step]
@@ -155,4 +133,8 @@ def net_shares(metrics: dict[str, np.ndarray | None], counts: np.ndarray, steps:
     """Per-layer shares minus their uniform-null value (:func:`uniform_null_shares`): zero when a share only
     tracks token counts, positive when the flow favours those keys beyond their size."""
     null = uniform_null_shares(counts, steps)
-    return {k: None if metrics.get(k) is None or null[k] is None else metrics[k] - null[k] for k in SHARE_METRICS}
+    out: dict[str, np.ndarray | None] = {}
+    for k in SHARE_METRICS:
+        m, n = metrics.get(k), null[k]
+        out[k] = None if m is None or n is None else m - n
+    return out

@@ -13,23 +13,24 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..bands import Bands
 from ..extras import require
 from ..figures import PNG_DPI, figure_bytes, new_figure
 from ..figures import save_figure as _save_by_extension
 from .describe import band_text
-from .metrics import Bands
 from .result import StepSaliency
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.axes import Axes
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
-Results = Union[StepSaliency, Mapping[str, StepSaliency]]
+Results = StepSaliency | Mapping[str, StepSaliency]
 
 # One colour per segment kind, shared with the HTML report so that step labels read the same everywhere.
 KIND_COLORS = {"question": "#1f5fa8", "thinking": "#b35c00", "summary": "#237a3b"}
@@ -51,7 +52,7 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 
 # -- small shared helpers ------------------------------------------------------------------------------------
-def _new_figure(**kwargs) -> "Figure":
+def _new_figure(**kwargs) -> Figure:
     return new_figure(**kwargs)
 
 
@@ -64,13 +65,13 @@ def _as_dict(results: Results) -> dict[str, StepSaliency]:
     return out
 
 
-def save_figure(fig: "Figure", path, dpi: int = DPI) -> Path:
+def save_figure(fig: Figure, path, dpi: int = DPI) -> Path:
     """Write ``fig`` as PNG, PDF or SVG by ``path``'s extension (parent folders created); nothing is cut off
     thanks to the constrained layout."""
     return _save_by_extension(fig, path, dpi)
 
 
-def figure_png(fig: "Figure", dpi: int = DPI) -> bytes:
+def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
     """The PNG bytes of ``fig`` (for embedding)."""
     return figure_bytes(fig, "png", dpi)
 
@@ -89,7 +90,7 @@ def select_layers(num_layers: int, bands: Bands | None = None, max_panels: int =
         return list(range(num_layers))
     bands = bands or Bands(num_layers)
     required = {0, num_layers - 1, bands.shallow.stop - 1, bands.deep.start}
-    chosen = set(required) | {int(round(x)) for x in np.linspace(0, num_layers - 1, max_panels)}
+    chosen = set(required) | {round(float(x)) for x in np.linspace(0, num_layers - 1, max_panels)}
     # Drop the spaced layers that crowd a required one until the budget holds.
     while len(chosen) > max_panels:
         spare = sorted(chosen - required)
@@ -108,7 +109,7 @@ def step_map(result: StepSaliency, layer: int, kind: str = "mean") -> np.ndarray
 
 
 def map_norm(results: Results, layers: Sequence[int] | None = None, kind: str = "mean",
-             percentiles: tuple[float, float] = (1.0, 99.5)) -> "LogNorm":
+             percentiles: tuple[float, float] = (1.0, 99.5)) -> LogNorm:
     """One log colour scale for the maps of all ``layers`` of all ``results``.
 
     Robust percentiles of the positive values, so that a handful of extreme cells (the sink-like question block,
@@ -163,8 +164,8 @@ def _cmap():
     return matplotlib.colormaps[MAP_CMAP].with_extremes(bad=INVALID_COLOR)
 
 
-def _draw_map(ax: "Axes", result: StepSaliency, layer: int, norm: "LogNorm", kind: str, *,
-              max_ticks: int, fontsize: float, xlabels: bool, ylabels: bool, title_size: float):
+def _draw_map(ax: Axes, result: StepSaliency, layer: int, norm: LogNorm, kind: str, *,
+              max_ticks: int, fontsize: float, xlabels: bool, ylabels: bool, title_size: float) -> AxesImage:
     im = ax.imshow(_shown(step_map(result, layer, kind), norm), cmap=_cmap(), norm=norm, interpolation="nearest",
                    aspect="equal")
     for b in _boundaries(result.steps):
@@ -183,12 +184,19 @@ def _draw_map(ax: "Axes", result: StepSaliency, layer: int, norm: "LogNorm", kin
     return im
 
 
-def _shown(data: np.ndarray, norm: "LogNorm") -> np.ndarray:
+def _shown(data: np.ndarray, norm: LogNorm) -> np.ndarray:
     """Valid cells that are zero (or below the scale) take the lowest colour, not the grey of invalid cells."""
-    return np.where(np.isfinite(data), np.maximum(data, norm.vmin), np.nan)
+    return np.where(np.isfinite(data), np.maximum(data, _limits(norm)[0]), np.nan)
 
 
-def _set_layer_title(ax: "Axes", bands: Bands, layer: int, size: float) -> None:
+def _limits(norm: LogNorm) -> tuple[float, float]:
+    """The scale's ``(vmin, vmax)``, which every norm these plots draw with has (see ``map_norm``)."""
+    if norm.vmin is None or norm.vmax is None:
+        raise ValueError("the colour scale has no limits; make it with map_norm")
+    return float(norm.vmin), float(norm.vmax)
+
+
+def _set_layer_title(ax: Axes, bands: Bands, layer: int, size: float) -> None:
     band = layer_band(bands, layer)  # band layers in bold: that is where the two scores are read
     ax.set_title(f"layer {layer}" + (f" · {band}" if band else ""), fontsize=size, pad=3,
                  fontweight="bold" if band else "normal")
@@ -199,12 +207,12 @@ def _colorbar_label(kind: str) -> str:
             else "summed saliency over token pairs (log scale)")
 
 
-def _log_ticks(norm: "LogNorm") -> list[float]:
+def _log_ticks(norm: LogNorm) -> list[float]:
     """Two to seven round values within the scale: 1-2-5 steps, else 1-3, else powers of ten.
 
     Saliency spans one to three decades, where matplotlib's default would label only one or two powers of ten.
     """
-    lo, hi = float(norm.vmin), float(norm.vmax)
+    lo, hi = _limits(norm)
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     ticks: list[float] = []
     for mults in ((1, 2, 5), (1, 3), (1,)):
@@ -219,7 +227,7 @@ def _log_ticks(norm: "LogNorm") -> list[float]:
     return ticks
 
 
-def _label_colorbar(cbar, norm: "LogNorm", label: str, fontsize: float) -> None:
+def _label_colorbar(cbar, norm: LogNorm, label: str, fontsize: float) -> None:
     from matplotlib.ticker import NullFormatter, NullLocator
 
     ticks = _log_ticks(norm)
@@ -231,8 +239,8 @@ def _label_colorbar(cbar, norm: "LogNorm", label: str, fontsize: float) -> None:
 
 
 def plot_layer_maps(result: StepSaliency, layers: Sequence[int] | None = None, path=None, *, kind: str = "mean",
-                    norm: "LogNorm | None" = None, max_panels: int = MAX_PANELS, ncols: int | None = None,
-                    title: str | None = None, dpi: int = DPI) -> "Figure":
+                    norm: LogNorm | None = None, max_panels: int = MAX_PANELS, ncols: int | None = None,
+                    title: str | None = None, dpi: int = DPI) -> Figure:
     """A grid of per-layer step maps (query step = row, key step = column) on one shared log colour scale.
 
     ``layers``: which layers (default: all up to ``max_panels``, else evenly spaced ones with the first, last and
@@ -251,7 +259,7 @@ def plot_layer_maps(result: StepSaliency, layers: Sequence[int] | None = None, p
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     fontsize = 8.0  # the smallest text at the figure's natural size: readable in a paper
     max_ticks = max(4, int(panel * 72 / (fontsize * 1.7)))
-    im = None
+    im: AxesImage | None = None
     for k, (ax, layer) in enumerate(zip(axes, layers)):
         row, col = divmod(k, ncols)
         last_in_col = k + ncols >= n  # the bottom-most panel of its column carries the x labels
@@ -263,6 +271,7 @@ def plot_layer_maps(result: StepSaliency, layers: Sequence[int] | None = None, p
             ax.set_xlabel("key step (is looked at)", fontsize=fontsize + 1)
     for ax in axes[n:]:
         ax.set_axis_off()
+    assert im is not None  # layers is not empty
     cbar = fig.colorbar(im, ax=axes[:n].tolist(), shrink=0.6, extend="both", pad=0.01, aspect=40)
     _label_colorbar(cbar, norm, _colorbar_label(kind), fontsize)
     shown = "all layers" if len(layers) == result.num_layers else f"{len(layers)} of {result.num_layers} layers"
@@ -278,7 +287,7 @@ def default_layer(result: StepSaliency) -> int:
     return result.bands.deep.start
 
 
-def _single_map(result: StepSaliency, layer: int, norm: "LogNorm", kind: str):
+def _single_map(result: StepSaliency, layer: int, norm: LogNorm, kind: str):
     """A figure with one layer's map and its colour bar; returns the figure, axes and image."""
     S = len(result.steps)
     side = min(7.0, max(3.6, 0.16 * S + 2.0))  # grow with the step count so labels keep their room
@@ -296,7 +305,7 @@ def _single_map(result: StepSaliency, layer: int, norm: "LogNorm", kind: str):
 
 
 def plot_step_map(result: StepSaliency, layer: int | None = None, path=None, *, kind: str = "mean",
-                  norm: "LogNorm | None" = None, dpi: int = DPI) -> "Figure":
+                  norm: LogNorm | None = None, dpi: int = DPI) -> Figure:
     """One layer's step map (query step = row, key step = column) with its colour bar.
 
     ``layer``: default the first deep-band layer. ``norm``: a colour scale shared with other figures (default:
@@ -312,7 +321,7 @@ def plot_step_map(result: StepSaliency, layer: int | None = None, path=None, *, 
     return fig
 
 
-def layer_map_pngs(result: StepSaliency, norm: "LogNorm", *, kind: str = "mean", dpi: int = 100,
+def layer_map_pngs(result: StepSaliency, norm: LogNorm, *, kind: str = "mean", dpi: int = 100,
                    layers: Sequence[int] | None = None, on_png: Callable[[int], None] | None = None) -> list[bytes]:
     """One small PNG per layer (for the report's slider), all on ``norm``; ``on_png(layer)`` after each (progress).
 
@@ -336,7 +345,7 @@ def layer_map_pngs(result: StepSaliency, norm: "LogNorm", *, kind: str = "mean",
 
 
 # -- metric curves -------------------------------------------------------------------------------------------
-def _shade_bands(ax: "Axes", bands: Bands) -> None:
+def _shade_bands(ax: Axes, bands: Bands) -> None:
     for name, band, fill, ink in (("shallow", bands.shallow, "#4c9be8", "#1d5a99"),
                                   ("deep", bands.deep, "#e8a04c", "#995a10")):
         ax.axvspan(band.start - 0.5, band.stop - 0.5, color=fill, alpha=0.13, lw=0)
@@ -355,7 +364,7 @@ def _missing_note(results: dict[str, StepSaliency]) -> str:
     return "Not plotted: " + "; ".join(lines) if lines else ""
 
 
-def plot_metric_curves(results: Results, path=None, *, dpi: int = DPI, title: str | None = None) -> "Figure":
+def plot_metric_curves(results: Results, path=None, *, dpi: int = DPI, title: str | None = None) -> Figure:
     """Per-layer share metrics with the shallow and deep bands shaded; y in [0, 1].
 
     Give a dict ``{"baseline": r0, "StepFlow": r1}`` to overlay conditions (solid, dashed, ...). The band scores
@@ -384,14 +393,18 @@ def plot_metric_curves(results: Results, path=None, *, dpi: int = DPI, title: st
         text = textwrap.fill(note, 150)
         fig.text(0.01, 0.005, text, fontsize=8, color="#a33", va="bottom")
         bottom = 0.02 + 0.03 * (text.count("\n") + 1)
-        fig.get_layout_engine().set(rect=(0, bottom, 1, 1 - bottom))  # room for the note below the axes
+        from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+        engine = fig.get_layout_engine()
+        if isinstance(engine, ConstrainedLayoutEngine):  # always: new_figure's constrained layout
+            engine.set(rect=(0, bottom, 1, 1 - bottom))  # room for the note below the axes
     fig.suptitle(title or "Step-Saliency shares per layer", fontsize=11)
     if path is not None:
         save_figure(fig, path, dpi)
     return fig
 
 
-def _draw_curves(ax: "Axes", r: StepSaliency, ls: str, annotate: bool) -> None:
+def _draw_curves(ax: Axes, r: StepSaliency, ls: str, annotate: bool) -> None:
     x = np.arange(r.num_layers)
     for metric, (_, color) in CURVE_METRICS.items():
         y = r.metrics.get(metric)
@@ -409,7 +422,7 @@ def _draw_curves(ax: "Axes", r: StepSaliency, ls: str, annotate: bool) -> None:
                         fontweight="bold", bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5})
 
 
-def _curve_legends(ax: "Axes", rs: dict[str, StepSaliency]) -> None:
+def _curve_legends(ax: Axes, rs: dict[str, StepSaliency]) -> None:
     from matplotlib.lines import Line2D
 
     drawn = [m for m in CURVE_METRICS if any(r.metrics.get(m) is not None for r in rs.values())]
@@ -425,7 +438,7 @@ def _curve_legends(ax: "Axes", rs: dict[str, StepSaliency]) -> None:
 
 
 # -- band scores ---------------------------------------------------------------------------------------------
-def plot_band_scores(results: Results, path=None, *, dpi: int = DPI) -> "Figure":
+def plot_band_scores(results: Results, path=None, *, dpi: int = DPI) -> Figure:
     """Bars of Shallow Lock-in and Deep Decay per condition (higher is worse); n/a where a score cannot exist."""
     rs = _as_dict(results)
     names = list(rs)
@@ -435,7 +448,7 @@ def plot_band_scores(results: Results, path=None, *, dpi: int = DPI) -> "Figure"
     fig = _new_figure(figsize=(max(4.2, 2.2 + 1.1 * len(names)), 3.4))
     ax = fig.add_subplot()
     palette = ["#4d4d4d", "#2b8cbe", "#e6550d", "#31a354", "#756bb1", "#636363"]
-    for k, name in enumerate(names):
+    for k in range(len(names)):
         xs = [g + (k - (len(names) - 1) / 2) * width for g in range(len(scores))]
         for x, (_, vals) in zip(xs, scores):
             v = vals[k]

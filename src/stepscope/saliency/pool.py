@@ -7,8 +7,8 @@ step x step sums at once, so nothing of size T x T per head is ever kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -59,7 +59,7 @@ def layer_step_sums(
 
 
 def _layer_step_sums(call, grad_out, rows, budget_mb, edit):
-    B, H, T, D = call.query.shape
+    _, H, T, _ = call.query.shape
     q_offset = call.key.shape[2] - T
     dO = grad_out.transpose(1, 2)  # (B, H, T, D)
     # at most ~1/8 of the rows per chunk: a chunk computes against all keys up to its last row, so smaller

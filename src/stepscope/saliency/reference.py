@@ -7,12 +7,14 @@ out per query, SMI added per step start) so that the engine's edited path is che
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import torch
 
 from ..attention.dispatch import install
+from ..segments import Segment
 from ..trace import Trace
 from .engine import target_weights
 
@@ -69,7 +71,7 @@ class _PlainStepFlowAttention:
         self.step = trace.step_ids()
         thinking = trace.steps_of("thinking")
         # step start position -> token positions of the step that just ended
-        self.fire = {s.start: list(range(p.start, p.end)) for p, s in zip(thinking, thinking[1:])}
+        self.fire = {s.start: list(range(p.start, p.end)) for p, s in itertools.pairwise(thinking)}
         if resolved.config.smi_at_summary and thinking and trace.steps_of("summary"):
             last = thinking[-1]
             self.fire[trace.steps_of("summary")[0].start] = list(range(last.start, last.end))
@@ -113,11 +115,11 @@ class _PlainStepFlowAttention:
         for t in range(probs.shape[2]):
             p = probs[0, :, t]  # (H, T)
             qs = self.seg[t]
-            if qs not in (2, 3):
+            if qs not in (Segment.THINKING, Segment.SUMMARY):
                 rows.append(p)
                 continue
             vis = allowed[t].numpy()
-            bridge = vis & (self.seg == (1 if qs == 2 else 2))
+            bridge = vis & (self.seg == (Segment.QUESTION if qs == Segment.THINKING else Segment.THINKING))
             current = vis & (self.seg == qs)
             nb, ns = int(bridge.sum()), int(current.sum())
             if nb == 0:

@@ -277,6 +277,39 @@ def _generated_section(generated, trace) -> str:
     return _trace_section(steps, generated, heading="The trace generated with StepFlow", intro=intro)
 
 
+def _flow_section(*traces) -> str:
+    """The live flow monitor's record (``meta["flow"]``) of a trace generated with StepFlow, if one is shown."""
+    from ..stepflow.monitor import FlowRecord
+
+    for t in traces:
+        rec = FlowRecord.of(t) if t is not None else None
+        if rec is not None and rec.steps:
+            break
+    else:
+        return ""
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    def bar(x):
+        w = 0 if x is None else max(0.0, min(1.0, x)) * 100
+        return f'<span style="display:inline-block;height:.7em;width:{w:.0f}px;background:#4c78a8"></span>'
+
+    rows = "".join(f"<tr><td>{_e(st.label)}</td><td>{st.tokens}</td><td>{pct(st.oeb_before)}</td>"
+                   f"<td>{pct(st.oeb_after)} {bar(st.oeb_after)}</td><td>{pct(st.smi_before)}</td></tr>"
+                   for st in rec.steps)
+    ranges = f"OEB band: layers {_e(_layer_list(rec.oeb_layers))}; SMI band: layers {_e(_layer_list(rec.smi_layers))}"
+    return ("<h2>Flow while it was written</h2><p class=\"note\">The live flow monitor: per thinking step, the mean "
+            "attention mass on the bridge (the question), over the band's layers, heads and the step's tokens, as "
+            f"recorded while decoding (no gradients). {ranges}. SMI edits attention outputs, not weights, so its "
+            "band has one mass.</p><table><tr><th>step</th><th>tokens</th><th>OEB band before</th>"
+            f"<th>OEB band after</th><th>SMI band</th></tr>{rows}</table>")
+
+
+def _layer_list(layers) -> str:
+    return ",".join(str(x) for x in layers) or "none"
+
+
 def _reading_section(rs: dict[str, StepSaliency]) -> str:
     parts = ["<h2>Reading</h2>"]
     for name, r in rs.items():
@@ -321,8 +354,8 @@ def _slider_section(rs: dict[str, StepSaliency], layer_pngs: dict[str, list[byte
             for layer, png in enumerate(pngs))
         caption = f"<figcaption>{_e(name)}</figcaption>" if len(rs) > 1 else ""
         figures.append(f"<figure>{caption}{imgs}</figure>")
-    data = {"layers": [{"band": plots.layer_band(first.bands, l) or "", "text": _layer_text(rs, l)}
-                       for l in range(n_layers)]}
+    data = {"layers": [{"band": plots.layer_band(first.bands, layer) or "", "text": _layer_text(rs, layer)}
+                       for layer in range(n_layers)]}
     controls = (f'<div class="slider"><button id="prev" type="button" aria-label="previous layer">&#9664;</button>'
                 f'<input type="range" id="layer" min="0" max="{n_layers - 1}" value="0" step="1">'
                 f'<button id="next" type="button" aria-label="next layer">&#9654;</button>'
@@ -348,12 +381,12 @@ def _meta_section(rs: dict[str, StepSaliency]) -> str:
         m = r.meta or {}
         sf = m.get("stepflow")
         resolved = describe.stepflow_of(r)
-        if resolved is not None:  # the layers used, not the "null = default band" of the stored settings
+        if resolved is not None and sf:  # the layers used, not the "null = default band" of the stored settings
             sf = {**sf, "oeb_layers": sorted(resolved.oeb_layers), "smi_layers": sorted(resolved.smi_layers)}
         bits = {
             "loss": f"{m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else "",
             "seconds": m.get("seconds", ""),
-            "StepFlow": (describe.stepflow_settings(r) + " " + json.dumps(sf, ensure_ascii=False)) if sf else "off",
+            "StepFlow": f"{describe.stepflow_settings(r)} {json.dumps(sf, ensure_ascii=False)}" if sf else "off",
         }
         rows.append(f"<tr><th>{_e(name)}</th>" + "".join(f"<td>{_e(v)}</td>" for v in bits.values()) + "</tr>")
     return ('<details><summary>Run details</summary><table><tr><th>condition</th><th>loss</th><th>seconds</th>'
@@ -445,6 +478,7 @@ def write_report(results: Mapping[str, StepSaliency] | StepSaliency, trace=None,
         _difference_section(pair, pngs["diff"], shifts) if pair else "",
         _trace_section(first.steps, trace),
         _generated_section(stepflow_trace, trace) if stepflow_trace is not None else "",
+        _flow_section(trace, stepflow_trace),
         _slider_section(rs, pngs["layers"]),
         "<h2>Shares per layer</h2>" + _img(pngs["curves"], "metric curves", "full"),
         _grid_section(pngs["grids"], len(rs) > 1),

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bands import Bands
+from ..defaults import BAND_FRACTION
 from ..errors import StepscopeError
 from ..trace import Step
-from .metrics import Bands, band_mean, compute_metrics
+from .metrics import band_mean, compute_metrics
 
 FORMAT = "stepscope.step_saliency"
 
@@ -40,7 +42,7 @@ class StepSaliency:
     other: np.ndarray
     steps: list[Step]
     meta: dict = field(default_factory=dict)  # model, question, profile, tokens, loss, options
-    band_fraction: float = 0.25
+    band_fraction: float = BAND_FRACTION
 
     @property
     def num_layers(self) -> int:
@@ -134,7 +136,7 @@ class StepSaliency:
         return base.with_suffix(".npz"), base.with_suffix(".json")
 
     @classmethod
-    def load(cls, path) -> "StepSaliency":
+    def load(cls, path) -> StepSaliency:
         base = _base(path)
         try:
             doc = json.loads(base.with_suffix(".json").read_text())
@@ -145,7 +147,7 @@ class StepSaliency:
         if doc.get("format") != FORMAT:
             raise StepscopeError(f"{base}.json is not a Step-Saliency result")
         steps = [Step(**s) for s in doc["steps"]]
-        return cls(sums, counts, other, steps, doc.get("meta", {}), doc.get("band_fraction", 0.25))
+        return cls(sums, counts, other, steps, doc.get("meta", {}), doc.get("band_fraction", BAND_FRACTION))
 
 
 def _base(path) -> Path:

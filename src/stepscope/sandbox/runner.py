@@ -129,7 +129,7 @@ def _scrubbed_env(workdir: str, extra: Mapping[str, str]) -> dict[str, str]:
 def _dir_size(path: str, cap: int) -> int:
     """Bytes under ``path``, stopping once past ``cap`` (a disk-fill guard for backends without a tmpfs)."""
     total = 0
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
@@ -213,13 +213,17 @@ def _set_subreaper(on: bool) -> bool:
         return False
 
 
-def _collect(proc, deadline, limits: Limits, stdin: bytes | None, channel_fd: int | None, workdir: str | None):
+def _collect(proc: subprocess.Popen[bytes], deadline: float, limits: Limits, stdin: bytes | None,
+             channel_fd: int | None, workdir: str | None):
     """Feed stdin, read stdout/stderr/channel with caps, until the process exits or a limit is hit."""
-    out = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    stdout, stderr = proc.stdout, proc.stderr
+    if stdout is None or stderr is None:
+        raise ValueError("_collect needs a process started with stdout=PIPE and stderr=PIPE")
+    out: dict[object, bytearray] = {stdout: bytearray(), stderr: bytearray()}  # keyed by the selector's file object
     chan = bytearray()
     truncated = False
     sel = selectors.DefaultSelector()
-    for stream in out:
+    for stream in (stdout, stderr):
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
     if channel_fd is not None:
@@ -285,7 +289,7 @@ def _collect(proc, deadline, limits: Limits, stdin: bytes | None, channel_fd: in
         sel.close()
         if proc.stdin is not None and not proc.stdin.closed:
             proc.stdin.close()
-    return bytes(out[proc.stdout]), bytes(out[proc.stderr]), bytes(chan), truncated, why
+    return bytes(out[stdout]), bytes(out[stderr]), bytes(chan), truncated, why
 
 
 def _signal_of(returncode: int | None, plan: Plan) -> int | None:

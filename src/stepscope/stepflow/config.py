@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
+from ..bands import Bands
+from ..defaults import ALPHA, BAND_FRACTION, TAU_MAX
 from ..errors import StepscopeError
 
 
@@ -21,14 +23,14 @@ class StepFlowConfig:
 
     oeb: bool = True
     oeb_layers: tuple[int, ...] | None = None
-    tau_max: float = 0.15
+    tau_max: float = TAU_MAX
     eps: float = 1e-6
     smi: bool = True
     smi_layers: tuple[int, ...] | None = None
-    alpha: float = 0.06
+    alpha: float = ALPHA
     smi_window: int | None = None
     smi_at_summary: bool = False
-    band_fraction: float = 0.25
+    band_fraction: float = BAND_FRACTION
     sink_tokens: int = 1
 
     def __post_init__(self):
@@ -47,19 +49,25 @@ class StepFlowConfig:
         for name in ("oeb_layers", "smi_layers"):
             v = getattr(self, name)
             if v is not None:
-                object.__setattr__(self, name, tuple(sorted(set(int(x) for x in v))))
+                object.__setattr__(self, name, tuple(sorted({int(x) for x in v})))
 
-    def resolve(self, num_layers: int) -> "ResolvedStepFlow":
-        k = max(1, math.ceil(num_layers * self.band_fraction))
-        oeb = self.oeb_layers if self.oeb_layers is not None else tuple(range(0, k))
-        smi = self.smi_layers if self.smi_layers is not None else tuple(range(num_layers - k, num_layers))
+    def resolve(self, num_layers: int, windows=None) -> ResolvedStepFlow:
+        """The bands for a model of ``num_layers`` layers; ``windows`` (per layer, the sliding window or None,
+        :func:`stepscope.windows.layer_windows`) lets the printout mark sliding layers and generation skip default
+        OEB layers whose window no longer holds a bridge key."""
+        bands = Bands(num_layers, self.band_fraction)
+        oeb = self.oeb_layers if self.oeb_layers is not None else tuple(bands.shallow)
+        smi = self.smi_layers if self.smi_layers is not None else tuple(bands.deep)
         for name, layers in (("OEB", oeb), ("SMI", smi)):
             bad = [x for x in layers if not 0 <= x < num_layers]
             if bad:
                 raise StepscopeError(f"{name} layers {bad} are out of range for a model with {num_layers} layers "
                                      f"(valid: 0-{num_layers - 1})")
+        windows = tuple(windows) if windows is not None else ()
+        if windows and len(windows) != num_layers:
+            raise StepscopeError(f"{len(windows)} layer windows for a model with {num_layers} layers")
         return ResolvedStepFlow(self, frozenset(oeb if self.oeb else ()), frozenset(smi if self.smi else ()),
-                                num_layers)
+                                num_layers, windows)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,8 +77,9 @@ class StepFlowConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StepFlowConfig":
-        return cls(**{k: (tuple(v) if k.endswith("_layers") and v is not None else v) for k, v in d.items()})
+    def from_dict(cls, d: dict) -> StepFlowConfig:
+        kwargs: dict[str, Any] = {k: (tuple(v) if k.endswith("_layers") and v is not None else v) for k, v in d.items()}
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -79,29 +88,54 @@ class ResolvedStepFlow:
     oeb_layers: frozenset[int]
     smi_layers: frozenset[int]
     num_layers: int
+    windows: tuple = ()  # per layer: sliding window in tokens, or None (full attention); () when unknown
+
+    @property
+    def oeb_default(self) -> bool:
+        """Whether the OEB band is the default one (not given by hand): generation then skips its sliding layers
+        at the decoding steps where their window holds no bridge key."""
+        return self.config.oeb_layers is None
+
+    def sliding(self, layers) -> list[int]:
+        """Those of ``layers`` that use a sliding window."""
+        return [x for x in sorted(layers) if self.windows and self.windows[x] is not None]
 
     def describe(self) -> str:
         c = self.config
+        w = self.windows
         parts = []
-        parts.append(f"OEB on layers {_ranges(self.oeb_layers)} (tau_max={c.tau_max})" if self.oeb_layers
+        parts.append(f"OEB on layers {_ranges(self.oeb_layers, w)} (tau_max={c.tau_max})" if self.oeb_layers
                      else "OEB off")
         if self.smi_layers:
-            w = "whole previous step" if c.smi_window is None else f"last {c.smi_window} tokens of the step"
+            what = "whole previous step" if c.smi_window is None else f"last {c.smi_window} tokens of the step"
             at = ", also at the summary start" if c.smi_at_summary else ""
-            parts.append(f"SMI on layers {_ranges(self.smi_layers)} (alpha={c.alpha}, {w}{at})")
+            parts.append(f"SMI on layers {_ranges(self.smi_layers, w)} (alpha={c.alpha}, {what}{at})")
         else:
             parts.append("SMI off")
-        return f"StepFlow for {self.num_layers} layers: " + "; ".join(parts)
+        text = f"StepFlow for {self.num_layers} layers: " + "; ".join(parts)
+        slid = sorted({w[x] for x in self.sliding(self.oeb_layers | self.smi_layers)})
+        if slid:
+            text += f" [s: sliding-window layer, {'/'.join(str(x) for x in slid)} tokens"
+            if self.sliding(self.oeb_layers) and self.oeb_default:
+                text += "; OEB skips one while its window holds no bridge key"
+            text += "]"
+        return text
 
 
-def _ranges(layers) -> str:
+def _ranges(layers, windows=()) -> str:
+    """'0-3,8'; with ``windows``, runs split where the attention kind changes and sliding runs marked: '0s,1,2-3s'."""
     xs = sorted(layers)
+
+    def slides(x):
+        return bool(windows) and windows[x] is not None
+
     out, start = [], None
     for i, x in enumerate(xs):
         if start is None:
             start = x
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            out.append(f"{start}" if start == x else f"{start}-{x}")
+        if i + 1 == len(xs) or xs[i + 1] != x + 1 or slides(xs[i + 1]) != slides(x):
+            mark = "s" if slides(x) else ""
+            out.append(f"{start}{mark}" if start == x else f"{start}-{x}{mark}")
             start = None
     return ",".join(out)
 
@@ -110,7 +144,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     """'0-7', '0,2,4', '24-27,30' -> tuple of ints; None/'' -> None (use the default band)."""
     if not text:
         return None
-    out = []
+    out: list[int] = []
     try:
         for part in text.split(","):
             part = part.strip()

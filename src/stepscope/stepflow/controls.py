@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.dispatch import AttentionCall, install
+from ..attention.dispatch import AttentionCall, install, interface_layers, require_interface
 from ..attention.scores import log_normaliser
+from ..batch import model_device
 from ..errors import StepscopeError
 from ..labels import replay_labels
 from ..profiles import get_profile
@@ -96,10 +97,10 @@ class ControlHandle(StepFlowHandle):
         """The attention weights this layer used, for Step-Saliency's rebuild (None: no edit in this layer)."""
         if layer not in self.resolved.oeb_layers or self.config.tau_max == 0:
             return None
-        labels, rb = self.labels, self._random_bridge
+        labels, rb = self.bound_labels, self._random_bridge
 
         def edit(call: AttentionCall, b: int, q0: int, q1: int, k0: int, k1: int, logits: torch.Tensor):
-            bridge, current, editable = groups(labels.segment[b : b + 1, q0:q1], labels.segment[b : b + 1, k0:k1])
+            bridge, current, editable = groups(labels.role[b : b + 1, q0:q1], labels.segment[b : b + 1, k0:k1])
             if rb is not None:
                 r = rb[b : b + 1, :, q0:q1, k0:k1]
                 bridge, current = r, (bridge | current) & ~r
@@ -115,11 +116,13 @@ def teacher_forced_control(model, tokenizer, config: StepFlowConfig, control: St
     """Like :func:`~stepscope.stepflow.fullpass.teacher_forced`, with the edit replaced by its control; yields the
     handle (``saliency_edit`` serves Step-Saliency)."""
     resolved = config.resolve(model.config.num_hidden_layers)
+    require_interface(model, interface_layers(model), resolved.oeb_layers | resolved.smi_layers,
+                      "StepFlow needs softmax attention in the layers it edits")
     handle = ControlHandle(model, tokenizer, config, resolved)
     handle.control = control
-    handle._install = install(model, handle)
+    handle._install = install(model, handle, exclusive="stepflow")
     try:
-        device = next(model.parameters()).device
+        device = model_device(model)
         rows = [(t.token_ids, t.prompt_len, get_profile(t.profile, tokenizer)) for t in traces]
         handle.bind_labels(replay_labels(tokenizer, rows, device, config.sink_tokens))
         yield handle

@@ -12,7 +12,9 @@ import torch
 
 from ..attention.dispatch import AttentionCall
 from ..attention.scores import log_normaliser
-from ..labels import replay_labels
+from ..batch import model_device, pad_batch
+from ..errors import StepscopeError
+from ..labels import labels_from_spans, replay_labels
 from ..profiles import get_profile
 from ..trace import Trace
 from .config import StepFlowConfig
@@ -31,10 +33,10 @@ class TeacherForced:
         h = self.handle
         if layer not in h.resolved.oeb_layers or h.config.tau_max == 0:
             return None
-        labels = h.labels
+        labels = h.bound_labels
 
         def edit(call: AttentionCall, b: int, q0: int, q1: int, k0: int, k1: int, logits: torch.Tensor):
-            q_seg = labels.segment[b : b + 1, q0:q1]
+            q_seg = labels.role[b : b + 1, q0:q1]  # the role each query acted as while generating
             k_seg = labels.segment[b : b + 1, k0:k1]
             bridge, current, editable = groups(q_seg, k_seg)
             log_norm = log_normaliser(call, logits)
@@ -49,25 +51,28 @@ class TeacherForced:
 
 
 @contextlib.contextmanager
-def teacher_forced(model, tokenizer, config: StepFlowConfig, traces: list[Trace]):
-    """StepFlow active for forward passes over ``traces`` (left-padded, as ``left_pad`` lays them out)."""
+def teacher_forced(model, tokenizer, config: StepFlowConfig, traces: list[Trace], labels: str = "live"):
+    """StepFlow active for forward passes over ``traces`` (left-padded, as :func:`stepscope.batch.pad_batch` lays
+    them out)."""
+    if labels not in ("live", "spans"):  # live: replay the step tracker; spans: the same labels built offline
+        raise StepscopeError(f"labels must be 'live' or 'spans', got {labels!r}")
+    build = replay_labels if labels == "live" else labels_from_spans
     handle = apply(model, tokenizer, config)
     try:
-        device = next(model.parameters()).device
+        device = model_device(model)
         rows = [(t.token_ids, t.prompt_len, get_profile(t.profile, tokenizer)) for t in traces]
-        handle.bind_labels(replay_labels(tokenizer, rows, device, config.sink_tokens))
+        handle.bind_labels(build(tokenizer, rows, device, config.sink_tokens))
         yield TeacherForced(handle)
     finally:
         handle.remove()
 
 
-def teacher_forced_logits(model, tokenizer, traces: list[Trace], config: StepFlowConfig | None = None):
-    """Next-token logits (B, T, V) of left-padded ``traces``, with StepFlow on when ``config`` is given."""
-    from ..generation import left_pad, positions
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad([t.token_ids for t in traces], pad, device)
-    session = teacher_forced(model, tokenizer, config, traces) if config is not None else contextlib.nullcontext()
+def teacher_forced_logits(model, tokenizer, traces: list[Trace], config: StepFlowConfig | None = None,
+                          labels: str = "live"):
+    """Next-token logits (B, T, V) of left-padded ``traces``, with StepFlow on when ``config`` is given
+    (``labels``: see :func:`teacher_forced`)."""
+    batch = pad_batch(model, tokenizer, [t.token_ids for t in traces])
+    session = (teacher_forced(model, tokenizer, config, traces, labels) if config is not None
+               else contextlib.nullcontext())
     with session, torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+        return model(**batch.forward_kwargs(), use_cache=False).logits

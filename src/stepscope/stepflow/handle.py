@@ -6,11 +6,14 @@ manager undo both exactly.
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
-from ..attention.dispatch import AttentionCall, InstallHandle, install
+from ..attention.dispatch import AttentionCall, InstallHandle, install, interface_layers, require_interface
 from ..attention.scores import (
     compute_dtype,
     log_normaliser,
@@ -20,6 +23,8 @@ from ..attention.scores import (
 from ..errors import StepscopeError
 from ..labels import THINKING, BatchLabels, RowLabeler, mark_static
 from ..profiles import get_profile
+from ..windows import layer_windows
+from . import monitor as flow_monitor
 from .config import ResolvedStepFlow, StepFlowConfig
 from .oeb import groups, odds_equal_bridge
 from .smi import step_means
@@ -39,7 +44,9 @@ class StepFlowStats:
 
     @classmethod
     def zeros(cls, batch: int, layers: int, device) -> StepFlowStats:
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
+        def z(*s: int) -> torch.Tensor:
+            return torch.zeros(*s, dtype=torch.float64, device=device)
+
         out = cls(z(batch, layers), z(batch, layers), z(batch), z(batch), z(batch), z(batch), z(batch))
         mark_static(*vars(out).values())
         return out
@@ -51,7 +58,7 @@ class StepFlowStats:
             n = float(seen[b].sum())
             calls = float(self.smi_layer_calls[b])
             out.append({
-                "oeb_edits_per_layer": {int(l): int(edits[b, l]) for l in sorted(resolved.oeb_layers)},
+                "oeb_edits_per_layer": {int(layer): int(edits[b, layer]) for layer in sorted(resolved.oeb_layers)},
                 "oeb_edit_rate": float(edits[b].sum()) / n if n else None,
                 "bridge_mass_before": float(self.bridge_before[b]) / n if n else None,
                 "bridge_mass_after": float(self.bridge_after[b]) / n if n else None,
@@ -67,11 +74,12 @@ class _Views:
 
     q_pos: torch.Tensor  # (Tq,) absolute positions of the queries
     k_pos: torch.Tensor  # (Tk,) absolute positions of the key slots
-    q_seg: torch.Tensor  # (B, Tq)
+    q_seg: torch.Tensor  # (B, Tq) the role each query acts as (OTHER while pending with its segment open)
     q_step: torch.Tensor  # (B, Tq)
     k_seg: torch.Tensor  # (B, Tk)
     k_step: torch.Tensor  # (B, Tk)
     fire: torch.Tensor  # (B, Tq) index of the thinking step that just ended, -1 where SMI does not fire
+    resolve: torch.Tensor  # (B, Tq) 1 at the first certain token after pending ones
     bridge: torch.Tensor
     current: torch.Tensor
     editable: torch.Tensor
@@ -102,11 +110,37 @@ class StepFlowHandle:
     stats: StepFlowStats | None = None
     _auto: bool = True  # track tokens from the forward inputs (model.generate); False when a caller binds labels
     _install: InstallHandle | None = None
-    _hook: object = None
+    _hook: RemovableHandle | None = None
     _removed: bool = field(default=False)
     _memo_key: tuple | None = None
     _memo: dict = field(default_factory=dict)
     _running: _Running | None = None
+    # default OEB band, eager decoding: per row, layer -> decoding steps skipped (window held no bridge key)
+    oeb_skipped: list = field(default_factory=list)
+    _skip_warned: bool = False
+    # the flow monitor: per position, sums over (layer, head) of the bridge mass (planes: monitor.PLANES)
+    flow: torch.Tensor | None = None
+    _stream: Callable[[int, flow_monitor.FlowStep], None] | None = None
+    _emitted: list = field(default_factory=list)
+
+    # -- the bound state (set by bind(), bind_labels() or a tracked forward call) -------------------------------
+    @property
+    def bound_labels(self) -> BatchLabels:
+        """The labels StepFlow acts on; an error while none are bound."""
+        labels = self.labels
+        if labels is None:
+            raise StepscopeError("StepFlow has no labels bound: run the model (or generate) with StepFlow applied, "
+                                 "or call bind() / bind_labels() first")
+        return labels
+
+    @property
+    def _bound_labeler(self) -> RowLabeler:
+        """The labeler of a bound generation (bind() or a tracked model.generate); an error otherwise."""
+        labeler = self.labeler
+        if labeler is None:
+            raise StepscopeError("StepFlow has no row labeler bound: it exists only while StepFlow tracks a "
+                                 "generation (bind() or a model.generate call)")
+        return labeler
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -131,19 +165,31 @@ class StepFlowHandle:
         """Use labels a caller maintains (our own generation loop pushes tokens itself)."""
         self._reset(labeler, labeler.labels)
         self._auto = False
+        self._stream = flow_monitor.current_stream()
+        if self._stream is not None:
+            self._emitted = [set() for _ in labeler.prompts]
+            labeler.listeners.append(self._on_push)
 
     def bind_labels(self, labels: BatchLabels) -> None:
         """Fixed labels for a teacher-forced pass over finished sequences."""
         self._reset(None, labels)
         self._auto = False
 
-    def _reset(self, labeler, labels) -> None:
+    def _reset(self, labeler: RowLabeler | None, labels: BatchLabels) -> None:
         self.labeler, self.labels = labeler, labels
         self.stats = StepFlowStats.zeros(labels.segment.shape[0], self.resolved.num_layers, labels.table.device)
         self._memo_key, self._memo, self._running = None, {}, None
+        self.oeb_skipped = [{} for _ in range(labels.segment.shape[0])]
+        self.flow = torch.zeros(len(flow_monitor.PLANES), labels.segment.shape[0], labels.capacity,
+                                dtype=torch.float64, device=labels.table.device)
+        mark_static(self.flow)
 
     def row_stats(self) -> list[dict]:
-        return [] if self.stats is None else self.stats.rows(self.resolved)
+        rows = [] if self.stats is None else self.stats.rows(self.resolved)
+        for row, skipped in zip(rows, self.oeb_skipped):
+            if skipped:  # sliding layers of the default OEB band, skipped where their window held no bridge key
+                row["oeb_skipped_steps"] = {int(k): int(n) for k, n in sorted(skipped.items())}
+        return rows
 
     # -- the forward pre-hook (auto mode: plain model.generate / model(...) calls) ----------------------------
     def _pre_forward(self, module, args, kwargs):
@@ -177,7 +223,8 @@ class StepFlowHandle:
         compiled step rebuilds them per layer from tensors alone (the compiler merges the repeats)."""
         if torch.compiler.is_compiling():
             return self._build_views(Tq, Tk)
-        key = (id(self.labels), self.labels.length)
+        labels = self.bound_labels
+        key = (id(labels), labels.length)
         if self._memo_key != key:
             self._memo_key, self._memo = key, {}
         if (Tq, Tk) not in self._memo:  # sliding-window and full layers see different key spans
@@ -185,15 +232,16 @@ class StepFlowHandle:
         return self._memo[(Tq, Tk)]
 
     def _build_views(self, Tq: int, Tk: int) -> _Views:
-        q_pos, k_pos = self.labels.positions(Tq, Tk)
-        q_seg, q_step, q_fire, q_fsum = self.labels.columns(q_pos).unbind(0)
-        k_seg, k_step = self.labels.columns(k_pos)[:2].unbind(0)
+        labels = self.bound_labels
+        q_pos, k_pos = labels.positions(Tq, Tk)
+        _, q_step, q_fire, q_fsum, q_seg, q_resolve = labels.columns(q_pos).unbind(0)
+        k_seg, k_step = labels.columns(k_pos)[:2].unbind(0)
         fire = torch.where(q_fire >= 0, q_fire, q_fsum) if self.config.smi_at_summary else q_fire
         bridge, current, editable = groups(q_seg, k_seg)
-        return _Views(q_pos, k_pos, q_seg, q_step, k_seg, k_step, fire, bridge, current, editable)
+        return _Views(q_pos, k_pos, q_seg, q_step, k_seg, k_step, fire, q_resolve, bridge, current, editable)
 
     def _check(self, B: int, Tq: int, Tk: int) -> None:
-        labels = self.labels
+        labels = self.bound_labels
         if labels.segment.shape[0] != B:
             raise StepscopeError(f"StepFlow labels cover {labels.segment.shape[0]} rows but the model attends with "
                                  f"{B} rows; call generate() through stepscope or bind labels")
@@ -211,6 +259,8 @@ class StepFlowHandle:
         layer = call.layer_idx
         in_oeb = layer in self.resolved.oeb_layers and self.config.tau_max > 0
         in_smi = layer in self.resolved.smi_layers and self.config.alpha > 0
+        if in_oeb and self.labels is not None and self._oeb_blind(call):
+            in_oeb = False
         if self.labels is None or not (in_oeb or in_smi):
             return proceed(call)
         B, _, Tq, _ = call.query.shape
@@ -224,6 +274,8 @@ class StepFlowHandle:
         eager_many = Tq > 1 and not torch.compiler.is_compiling()
         if in_oeb and not (eager_many and not bool(v.editable.any())):
             out, weights = self._oeb(call, out, weights, v)
+        if in_smi and self.flow is not None:
+            self._smi_mass(call, v)
         if in_smi and Tq == 1:
             out = self._smi_one(call, out, v)
         elif in_smi:
@@ -233,12 +285,38 @@ class StepFlowHandle:
                 out = self._smi(call, out, v.fire, v.k_seg, v.k_step)
         return out, weights
 
+    def _oeb_blind(self, call) -> bool:
+        """Default OEB band, eager decoding: whether this sliding-window layer's window holds no bridge key of any
+        row (the question for a thinking token, the thinking for a summary token), so that the layer is skipped.
+        OEB edits only heads that see a bridge key, so skipping changes nothing but the work; it is counted per row
+        and stated once. Layers given by hand are never skipped."""
+        window = sliding_window_of(call)
+        if (window is None or not self.resolved.oeb_default or self.labeler is None or call.query.shape[2] != 1
+                or torch.compiler.is_compiling()):
+            return False
+        blind = self.labeler.bridge_out_of_window(window)
+        if not all(blind):
+            return False
+        layer = call.layer_idx
+        for b, row in enumerate(self.oeb_skipped):
+            if self.labeler.active(b):
+                row[layer] = row.get(layer, 0) + 1
+        self._flow_blind(call)
+        if not self._skip_warned:
+            self._skip_warned = True
+            slid = self.resolved.sliding(self.resolved.oeb_layers)
+            warnings.warn(f"OEB skips its default band's sliding-window layers ({','.join(map(str, slid))}; "
+                          f"window {window} tokens) at decoding steps where the window holds no bridge key (the "
+                          "question, or the thinking for the summary): their edit would be empty there; see "
+                          "oeb_skipped_steps in the StepFlow stats", stacklevel=2)
+        return True
+
     def _query_offset(self, Tq: int, Tk: int) -> int:
         """Key slot of the first query, for rebuilding a mask the kernel applied implicitly (no 4D mask)."""
         if torch.compiler.is_compiling():
             # compiled static-cache steps always carry a 4D mask; without one a single query sees every key
             return Tk - Tq
-        L = self.labels.length
+        L = self.bound_labels.length
         return L - Tq - max(L - Tk, 0)
 
     def _oeb(self, call, base_out, base_weights, views: _Views):
@@ -256,7 +334,7 @@ class StepFlowHandle:
             log_norm = log_normaliser(call, logits)
             res = odds_equal_bridge(logits, log_norm, bridge[:, :, q0:q1], current[:, :, q0:q1],
                                     editable[:, :, q0:q1], self.config.tau_max, self.config.eps)
-            self._record_oeb(layer, res, editable[:, :, q0:q1])
+            self._record_oeb(layer, res, editable[:, :, q0:q1], views.q_pos[q0:q1])
             # No test of "was anything edited" here: reading it back would stall a GPU once per layer and token.
             # Rows that were not edited keep the model's own output (and weights) bit for bit through where().
             p = group_batched(res.probs, v.shape[1])  # (B, H_kv, n_rep * c, Tk)
@@ -273,10 +351,106 @@ class StepFlowHandle:
             return outs[0].contiguous(), weights[0]
         return torch.cat(outs, dim=1).contiguous(), torch.cat(weights, dim=2)
 
-    def _record_oeb(self, layer, res, editable):
+    # -- the flow monitor ------------------------------------------------------------------------------------
+    def _flow_add(self, q_pos, before, after, ed, smi: bool = False) -> None:
+        """Add (B, H, c) bridge masses of editable (head, query) pairs at positions ``q_pos`` (c,)."""
+        flow = self.flow
+        if flow is None:
+            return
+        capacity = self.bound_labels.capacity
+        if flow.shape[2] < capacity:  # eager: the labels grew
+            more = flow.new_zeros(flow.shape[0], flow.shape[1], capacity - flow.shape[2])
+            flow = self.flow = torch.cat([flow, more], dim=2)
+        w = ed.to(flow.dtype)
+        n = w.sum(1)
+        if smi:
+            flow[3].index_add_(1, q_pos, (before.to(flow.dtype) * w).sum(1))
+            flow[4].index_add_(1, q_pos, n)
+        else:
+            flow[0].index_add_(1, q_pos, (before.to(flow.dtype) * w).sum(1))
+            flow[1].index_add_(1, q_pos, (after.to(flow.dtype) * w).sum(1))
+            flow[2].index_add_(1, q_pos, n)
+
+    def _smi_mass(self, call, v: _Views) -> None:
+        """The bridge mass this layer's own attention gives each editable query (read only; SMI edits outputs)."""
+        Tq, Tk = call.query.shape[2], call.key.shape[2]
+        if Tq > 1 and not torch.compiler.is_compiling() and not bool(v.editable.any()):
+            return
+        q_offset = self._query_offset(Tq, Tk)
+        H = call.query.shape[1]
+        chunk = max(1, int(2**27 // max(1, call.query.shape[0] * H * Tk * 4)))
+        fused = Tq == 1 and torch.compiler.is_compiling()
+        for q0 in range(0, Tq, chunk):
+            q1 = min(Tq, q0 + chunk)
+            logits = logits_block(call, slice(None), q0, q1, 0, Tk, q_offset, fused)  # (B, H, c, Tk)
+            log_norm = log_normaliser(call, logits)
+            bridge = v.bridge[:, :, q0:q1]
+            lse = torch.logsumexp(logits.masked_fill(~bridge, torch.finfo(logits.dtype).min), dim=-1)
+            has = (torch.isfinite(logits) & bridge).any(-1)
+            p_b = torch.where(has, torch.exp(lse - log_norm), torch.zeros_like(lse))
+            ed = v.editable[:, :, q0:q1].expand(-1, H, -1)
+            self._flow_add(v.q_pos[q0:q1], p_b, p_b, ed, smi=True)
+
+    def _flow_blind(self, call) -> None:
+        """A skipped sliding layer: its editable queries saw bridge mass 0 (no bridge key in the window)."""
+        B, H, Tq, _ = call.query.shape
+        Tk = call.key.shape[2]
+        self._check(B, Tq, Tk)
+        v = self._views(Tq, Tk)
+        ed = v.editable.expand(-1, H, -1)
+        zero = torch.zeros(ed.shape, dtype=torch.float64, device=ed.device)
+        self._flow_add(v.q_pos, zero, zero, ed)
+
+    def flow_tokens(self) -> list:
+        """Per row, the (len(PLANES), T) numpy sums at the positions of its own sequence (padding dropped)."""
+        if self.flow is None or self.labeler is None:
+            return []
+        host = self.flow[:, :, : self.bound_labels.length].cpu().numpy()
+        width = self.labeler._width
+        return [host[:, b, width - len(p):] for b, p in enumerate(self.labeler.prompts)]
+
+    def _on_push(self, labels) -> None:
+        """Streaming: a row whose pushed token reports the end of a thinking step gets that step's line."""
+        for b, lab in enumerate(labels):
+            if lab is None:
+                continue
+            ended = lab.fire if lab.fire >= 0 else lab.fire_summary
+            if ended >= 0:
+                self._emit(b, ended)
+
+    def _emit(self, b: int, step: int) -> None:
+        if step in self._emitted[b]:
+            return
+        self._emitted[b].add(step)
+        labels, labeler, flow, stream = self.bound_labels, self._bound_labeler, self.flow, self._stream
+        if flow is None or stream is None:
+            raise StepscopeError("StepFlow streams flow lines only while bound to a generation with a flow stream")
+        L = labels.length
+        cols = (labels.segment[b, :L] == THINKING) & (labels.step[b, :L] == step)
+        idx = torch.nonzero(cols)[:, 0]
+        if idx.numel() == 0:
+            return
+        sums = (flow[:, b, :L] * cols.to(flow.dtype)).sum(-1).cpu().numpy()
+        pad = labeler._width - len(labeler.prompts[b])
+        stream(b, flow_monitor.FlowStep.from_sums(step + 1, int(idx[0]) - pad, int(idx[-1]) + 1 - pad, sums))
+
+    def flush_stream(self) -> None:
+        """Streaming: the lines of each row's last thinking step, which no later step start reported."""
+        labels = self.labels
+        if self._stream is None or labels is None:
+            return
+        L = labels.length
+        for b in range(labels.segment.shape[0]):
+            think = labels.segment[b, :L] == THINKING
+            if bool(think.any()):
+                self._emit(b, int(labels.step[b, :L][think].max()))
+
+    def _record_oeb(self, layer, res, editable, q_pos=None):
         if self.stats is None:
             return
         ed = editable.expand_as(res.edited)
+        if q_pos is not None:
+            self._flow_add(q_pos, res.bridge_before, res.bridge_after, ed)
         st = self.stats
         st.oeb_edits[:, layer] += res.edited.sum(dim=(1, 2)).to(st.oeb_edits.dtype)
         st.oeb_queries[:, layer] += ed.sum(dim=(1, 2)).to(st.oeb_queries.dtype)
@@ -294,26 +468,38 @@ class StepFlowHandle:
         layer = call.layer_idx
         fire = v.fire[:, 0]  # (B,)
         compiling = torch.compiler.is_compiling()
-        run = self._running
-        summed = self._uses_running_sums(call)
-        if summed and (run is None or layer not in run.total):
-            # decoding began without a multi-token call (a one-token prompt): average by a pass over the keys
-            # this time, and start the sums from the keys, this token included
-            if compiling:
-                raise StepscopeError("StepFlow's SMI sums start in an eager call: run the prefill uncompiled")
-            out = self._inject(call, out, fire, self._scan_means(call, v, fire))
-            self._rebuild_running(call, v, upto=v.q_pos[0] + 1)
-            return out
+        # the running sums this layer reads and advances (None: it averages the visible keys instead)
+        run: _Running | None = None
+        if self._uses_running_sums(call):
+            run = self._running
+            if run is None or layer not in run.total:
+                # decoding began without a multi-token call (a one-token prompt): average by a pass over the keys
+                # this time, and start the sums from the keys, this token included
+                if compiling:
+                    raise StepscopeError("StepFlow's SMI sums start in an eager call: run the prefill uncompiled")
+                out = self._inject(call, out, fire, self._scan_means(call, v, fire))
+                self._rebuild_running(call, v, upto=v.q_pos[0] + 1)
+                return out
+        # Rows whose pending tokens were just settled: the sums folded them under provisional labels, so this
+        # token's mean comes from a pass over the keys (their labels are final now) and the sums restart from them.
+        # Eager decoding does this only when the host says some row resolves; a compiled step always, masked.
+        resolve = None
+        if run is not None and (compiling or self.labeler is None or self.labeler.resolving()):
+            resolve = v.resolve[:, 0] > 0
         # Eager decoding may skip the injection when the host's labels say no row starts a step (no device read);
         # a compiled step always runs it, masked.
         if compiling or self.labeler is None or self.labeler.fired(self.config.smi_at_summary):
-            if summed:
+            if run is not None:
                 scale = torch.where(run.step == fire, 1.0 / run.count.clamp_min(1), 0.0)  # empty step: 0
                 m = run.total[layer] * scale.to(run.total[layer].dtype)[:, None, None]
+                if resolve is not None:
+                    m = torch.where(resolve[:, None, None], self._scan_means(call, v, fire).to(m.dtype), m)
             else:
                 m = self._scan_means(call, v, fire)
             out = self._inject(call, out, fire, m)
-        if summed:
+        if run is not None:
+            if resolve is not None:
+                self._resync_running(call, run, v, resolve)
             self._advance_running(call, run, v)
         return out
 
@@ -354,19 +540,34 @@ class StepFlowHandle:
             run.count.mul_(keep).add_(add)
             run.step.copy_(torch.where(think, step, run.step))
 
-    def _rebuild_running(self, call, v: _Views, upto) -> None:
-        """Running sums of the latest thinking step among key positions before ``upto`` (eager)."""
+    @staticmethod
+    def _step_sums(call, v: _Views, upto):
+        """(value sum, token count, index) of the latest thinking step among key positions before ``upto``."""
         val = compute_dtype(call.value.detach())
         think = (v.k_seg == THINKING) & (v.k_pos < upto)[None, :]
         last = torch.where(think, v.k_step, -1).amax(-1)  # (B,)
         sel = (think & (v.k_step == last[:, None])).to(val.dtype)
-        total = torch.einsum("bk,bhkd->bhd", sel, val)
+        return torch.einsum("bk,bhkd->bhd", sel, val), sel.sum(-1), last
+
+    def _resync_running(self, call, run: _Running, v: _Views, rows) -> None:
+        """Restart the sums of ``rows`` (B,) bool from the keys before the current token; the shared count and
+        index are the same in every summing layer, so each layer may write them."""
+        total, count, last = self._step_sums(call, v, v.q_pos[0])
+        cur = run.total[call.layer_idx]
+        cur.copy_(torch.where(rows[:, None, None], total.to(cur.dtype), cur))
+        run.count.copy_(torch.where(rows, count.to(run.count.dtype), run.count))
+        run.step.copy_(torch.where(rows, last, run.step))
+
+    def _rebuild_running(self, call, v: _Views, upto) -> None:
+        """Running sums of the latest thinking step among key positions before ``upto`` (eager)."""
+        total, count, last = self._step_sums(call, v, upto)
+        sel_count = count
         run = self._running
         if run is None:
-            run = self._running = _Running({}, sel.sum(-1), last, [])
+            run = self._running = _Running({}, sel_count, last, [])
             mark_static(run.count, run.step)
         else:  # every summing layer sees the same labels: the shared index and count are the same
-            run.count.copy_(sel.sum(-1))
+            run.count.copy_(sel_count)
             run.step.copy_(last)
         if call.layer_idx not in run.total:
             run.layers.append(call.layer_idx)
@@ -376,7 +577,7 @@ class StepFlowHandle:
     def _smi(self, call, out, fire, k_seg, k_step):
         """Several queries at once (prefill, teacher-forced passes), eagerly: inject where steps start."""
         Tq, Tk = call.query.shape[2], call.key.shape[2]
-        q_pos, k_pos = self.labels.positions(Tq, Tk)
+        q_pos, k_pos = self.bound_labels.positions(Tq, Tk)
         rows, pos = torch.nonzero(fire >= 0, as_tuple=True)
         m = step_means(compute_dtype(call.value), rows, pos, fire[rows, pos], k_seg, k_step, k_pos, q_pos[pos],
                        self.config.smi_window, sliding_window_of(call))  # (n, H_kv, D)
@@ -436,9 +637,17 @@ def _device(model):
 def apply(model, tokenizer, config: StepFlowConfig | None = None) -> StepFlowHandle:
     """Install StepFlow on ``model``; returns a handle (``remove()``; also a context manager)."""
     config = config or StepFlowConfig()
-    resolved = config.resolve(model.config.num_hidden_layers)
+    resolved = config.resolve(model.config.num_hidden_layers, layer_windows(model.config))
+    slid = resolved.sliding(resolved.oeb_layers)
+    if slid and not resolved.oeb_default:
+        sizes = "/".join(str(w) for w in sorted({resolved.windows[x] for x in slid}))
+        warnings.warn(f"OEB layers {','.join(map(str, slid))} were given by hand and use a sliding window ({sizes} "
+                      "tokens): they edit only while a bridge key (the question, or the thinking for the summary) "
+                      "is inside the window; kept as given", stacklevel=2)
+    require_interface(model, interface_layers(model), resolved.oeb_layers | resolved.smi_layers,
+                      "StepFlow needs softmax attention in the layers it edits")
     handle = StepFlowHandle(model, tokenizer, config, resolved)
-    handle._install = install(model, handle)
+    handle._install = install(model, handle, exclusive="stepflow")  # nested: the innermost StepFlow acts
     try:
         handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     except Exception:
@@ -454,6 +663,7 @@ def stepflow_session(model, tokenizer, config: StepFlowConfig, labeler: RowLabel
     try:
         handle.bind(labeler)
         yield handle
+        handle.flush_stream()
     finally:
         handle.remove()
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...defaults import ALPHA, BAND_FRACTION, TAU_MAX
 from ...extras import require
 from ..options import FIELDS, stepflow_config
 
-_tm = require("lighteval.models.transformers.transformers_model", "the lighteval integration")
-_custom = require("lighteval.models.custom.custom_model", "the lighteval integration")
+# Any: lighteval is optional (and cannot share an environment with [eval]), so its classes are dynamic bases here
+_tm: Any = require("lighteval.models.transformers.transformers_model", "the lighteval integration")
+_custom: Any = require("lighteval.models.custom.custom_model", "the lighteval integration")
 
 __all__ = ["StepFlowModelConfig", "StepFlowTransformersModel", "config_from_string"]
 
@@ -24,20 +26,20 @@ class StepFlowModelConfig(_tm.TransformersModelConfig):
     stepflow: bool = True
     oeb: bool = True
     oeb_layers: str | int | list[int] | None = None
-    tau_max: float = 0.15
+    tau_max: float = TAU_MAX
     smi: bool = True
     smi_layers: str | int | list[int] | None = None
-    alpha: float = 0.06
+    alpha: float = ALPHA
     smi_window: int | None = None
     smi_at_summary: bool = False
-    band_fraction: float = 0.25
+    band_fraction: float = BAND_FRACTION
     sink_tokens: int = 1
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         from ...models import model_path
 
-        self.model_name = model_path(self.model_name)
+        self.model_name: str = model_path(self.model_name)  # the field is lighteval's (a str)
         self.stepflow_config()  # refuse bad StepFlow settings before the model loads
 
     def stepflow_config(self):

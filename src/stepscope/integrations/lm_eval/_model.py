@@ -7,8 +7,9 @@ from typing import Any
 from ...extras import require
 from ..options import FIELDS, stepflow_config
 
-_registry = require("lm_eval.api.registry", "the lm-eval integration")
-_hf = require("lm_eval.models.huggingface", "the lm-eval integration")
+# Any: lm-eval ships no types, so its classes are dynamic bases here
+_registry: Any = require("lm_eval.api.registry", "the lm-eval integration")
+_hf: Any = require("lm_eval.models.huggingface", "the lm-eval integration")
 
 
 @_registry.register_model("stepflow")

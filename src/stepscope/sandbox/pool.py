@@ -49,7 +49,7 @@ spec = importlib.util.find_spec("stepscope")
 package = types.ModuleType("stepscope")
 package.__path__ = list(spec.submodule_search_locations)
 sys.modules["stepscope"] = package
-from stepscope.evaluation.pool import _serve
+from stepscope.sandbox.pool import _serve
 _serve(int(sys.argv[1]))
 """
 
@@ -159,7 +159,7 @@ def map_isolated(
     for index in pending:  # workers could not start: run the rest here
         try:
             results[index] = (True, fn(items[index]))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing item is its result, as in the workers
             results[index] = (False, f"{type(exc).__name__}: {exc}")
     return [r if r is not None else (False, "not graded") for r in results]
 
