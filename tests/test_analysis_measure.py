@@ -9,7 +9,7 @@ import pytest
 import stepscope
 from stepscope.analysis.compare import AnalysedTrace, compare_groups
 from stepscope.analysis.measure import (
-    Intervention,
+    Arm,
     atom_trace,
     cached_measure,
     derive,
@@ -40,7 +40,7 @@ def tiny(tokenizers):
 @pytest.mark.parametrize("stepflow", [None, StepFlowConfig(tau_max=0.3, alpha=0.5)])
 def test_pooled_atoms_equal_a_pass_over_the_real_steps(tiny, stepflow):
     model, tok, trace = tiny
-    iv = Intervention() if stepflow is None else Intervention("both", stepflow)
+    iv = Arm() if stepflow is None else Arm("both", stepflow)
     m = measure(model, tok, trace, iv, shuffles=3)
     ref = stepscope.step_saliency(model, tok, trace, stepflow=stepflow, progress=False)
     np.testing.assert_allclose(m.saliency.sums, ref.sums, rtol=1e-9, atol=1e-15)
@@ -56,9 +56,9 @@ def test_atoms_and_cache(tiny, tmp_path):
     assert len(atoms.steps) == 1 + response and atoms.steps[0] == trace.steps[0]
     assert [a.kind for a in atoms.steps[1:]] == [(trace.segment_ids()[t] == 2 and "thinking") or "summary"
                                                  for t in range(trace.prompt_len, len(trace))]
-    first = cached_measure(model, tok, "m", trace, Intervention(), tmp_path, shuffles=2)
+    first = cached_measure(model, tok, "m", trace, Arm(), tmp_path, shuffles=2)
     files = sorted(tmp_path.iterdir())
-    again = cached_measure(model, tok, "m", trace, Intervention(), tmp_path, shuffles=2)
+    again = cached_measure(model, tok, "m", trace, Arm(), tmp_path, shuffles=2)
     assert sorted(tmp_path.iterdir()) == files and len(files) == 2
     np.testing.assert_array_equal(first.saliency.sums, again.saliency.sums)
     np.testing.assert_array_equal(first.shuffled, again.shuffled)

@@ -20,7 +20,7 @@ from stepscope.generation import (
 from stepscope.labels import RowLabeler
 from stepscope.profiles import get_profile
 from stepscope.stepflow.fullpass import teacher_forced_logits
-from stepscope.stepflow.handle import stepflow_session
+from stepscope.stepflow.handle import session as stepflow_session
 from stepscope.testing import tiny_model
 
 QUESTIONS = ["What is 2+3?", "The farmer has 12 sheep and buys 7 more. How many sheep now?"]

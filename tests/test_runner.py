@@ -97,11 +97,11 @@ def test_sample_seed_is_a_stable_hash_of_seed_problem_and_sample():
 def test_conditions_derive_from_one_stepflow_config():
     base = StepFlowConfig(tau_max=0.2, alpha=0.1)
     conds = {c.name: c for c in build_conditions(["baseline", "stepflow", "oeb-only", "smi-only"], base)}
-    assert conds["baseline"].stepflow is None
-    assert conds["stepflow"].stepflow == base
-    assert conds["oeb-only"].stepflow.oeb and not conds["oeb-only"].stepflow.smi
-    assert conds["smi-only"].stepflow.smi and not conds["smi-only"].stepflow.oeb
-    assert conds["smi-only"].stepflow.alpha == 0.1
+    assert conds["baseline"].intervention is None
+    assert conds["stepflow"].intervention == base
+    assert conds["oeb-only"].intervention.oeb and not conds["oeb-only"].intervention.smi
+    assert conds["smi-only"].intervention.smi and not conds["smi-only"].intervention.oeb
+    assert conds["smi-only"].intervention.alpha == 0.1
     assert parse_conditions(" baseline, smi-only ") == ["baseline", "smi-only"]
     with pytest.raises(StepscopeError, match="unknown condition 'oeb'"):
         parse_conditions("baseline,oeb")

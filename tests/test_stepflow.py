@@ -168,7 +168,7 @@ def test_decoding_without_stepflow_prefill_starts_smi_sums_from_the_keys(tokeniz
     from stepscope.batch import left_pad, positions
     from stepscope.labels import RowLabeler
     from stepscope.profiles import get_profile
-    from stepscope.stepflow.handle import stepflow_session
+    from stepscope.stepflow.handle import session as stepflow_session
 
     tok = tokenizers["think"]
     model = tiny_model(family, tok, layers=4)

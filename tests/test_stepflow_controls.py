@@ -11,11 +11,7 @@ from stepscope.attention.dispatch import install
 from stepscope.attention.scores import logits_block, probabilities
 from stepscope.labels import OTHER, QUESTION, SUMMARY, THINKING
 from stepscope.stepflow import StepFlowConfig
-from stepscope.stepflow.controls import (
-    StepFlowControl,
-    random_groups,
-    teacher_forced_control,
-)
+from stepscope.stepflow.controls import ControlledStepFlow, StepFlowControl, random_groups
 from stepscope.stepflow.fullpass import teacher_forced
 from stepscope.stepflow.oeb import groups
 from stepscope.testing import tiny_model
@@ -63,10 +59,10 @@ def test_random_bridge_lifts_its_group_to_the_bridge_target(tiny):
     config = StepFlowConfig(tau_max=0.3, smi=False)
     call = calls[0]
     T = len(trace)
-    with teacher_forced_control(model, tok, config, StepFlowControl("random_bridge", 1), [trace]) as h:
+    with teacher_forced(model, tok, ControlledStepFlow(config, StepFlowControl("random_bridge", 1)), [trace]) as h:
         logits = logits_block(call, 0, 0, T, 0, T, 0)
         edited = h.saliency_edit(0)(call, 0, 0, T, 0, T, logits)
-        rb = h._random_bridge[0, 0]
+        rb = h.edits[0]._random[0, 0]
         editable = groups(h.labels.segment[:, :T], h.labels.segment[:, :T])[2][0, 0]
     before = probabilities(call, logits)
     mass_before, mass_after = (before * rb).sum(-1), (edited * rb).sum(-1)  # (H, T)
@@ -86,10 +82,10 @@ def test_random_momentum_has_each_heads_norm_and_another_direction(tiny):
     B, H, _, D = call.query.shape
     out = torch.randn(B, T, H, D, dtype=call.query.dtype, generator=torch.Generator().manual_seed(0))
     with teacher_forced(model, tok, config, [trace]) as tf, \
-            teacher_forced_control(model, tok, config, StepFlowControl("random_momentum", 0), [trace]) as ctl:
-        v = tf.handle._views(T, T)
-        real = tf.handle._smi(call, out, v.fire, v.k_seg, v.k_step) - out
-        rand = ctl._smi(call, out, v.fire, v.k_seg, v.k_step) - out
+            teacher_forced(model, tok, ControlledStepFlow(config, StepFlowControl("random_momentum", 0)), [trace]) as ctl:
+        v = tf.views(T, T)
+        real = tf.edits[1].inject_many(call, out, v.fire, v.k_seg, v.k_step) - out
+        rand = ctl.edits[1].inject_many(call, out, v.fire, v.k_seg, v.k_step) - out
     fired = real.flatten(2).norm(dim=-1) > 0  # (B, T)
     assert int(fired.sum()) == len(trace.steps_of("thinking")) - 1  # one firing token per new thinking step
     assert torch.equal(fired, rand.flatten(2).norm(dim=-1) > 0)

@@ -97,12 +97,12 @@ def generate(
     ``"stop_string"``). They run through transformers' own logits processors, in ``model.generate``'s order (see
     :mod:`stepscope.sampling`); Qwen3's thinking setting is ``temperature=0.6, top_p=0.95, top_k=20, min_p=0``.
     Each trace's ``meta["sampling"]`` records every sampling setting. ``stepflow``: a
-    :class:`stepscope.StepFlowConfig` to generate with StepFlow on; each trace's ``meta["stepflow"]`` then holds
-    what it did. ``ignore_eos``: always generate
-    ``max_new_tokens`` (for timing). ``cache_implementation``: ``"dynamic"`` (default) or ``"static"`` (a
-    preallocated cache; StepFlow labels are sized to it). ``compile``: decode with a ``torch.compile``d step
-    (True picks CUDA graphs on a GPU; or give a mode such as ``"default"``); implies the static cache. Tokens
-    equal eager decoding's up to the compiler's floating-point reordering.
+    :class:`stepscope.StepFlowConfig` to generate with StepFlow on, or the settings of any registered intervention
+    (:mod:`stepscope.stepflow.intervention`); each trace's ``meta["stepflow"]`` then holds what it did.
+    ``ignore_eos``: always generate ``max_new_tokens`` (for timing). ``cache_implementation``: ``"dynamic"``
+    (default) or ``"static"`` (a preallocated cache; StepFlow labels are sized to it). ``compile``: decode with a
+    ``torch.compile``d step (True picks CUDA graphs on a GPU; or give a mode such as ``"default"``); implies the
+    static cache. Tokens equal eager decoding's up to the compiler's floating-point reordering.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -255,7 +255,7 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
         # one fixed-width mask for every call (slots past the current length are masked as the future)
         mask = torch.cat([mask, mask.new_ones((B, span - width))], dim=1)
     labeler = RowLabeler(tokenizer, profile, prompts, device, capacity=span,
-                         sink_tokens=stepflow.sink_tokens if stepflow is not None else 1)
+                         sink_tokens=int(getattr(stepflow, "sink_tokens", 1)))
     gens = None
     if sampling.temperature > 0:
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -273,9 +273,9 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
     step_fn = compiled_forward(decoding.compile) if decoding.compile else _forward_last
     session: AbstractContextManager[Any] = nullcontext(None)  # yields the StepFlow handle, or None
     if stepflow is not None:
-        from .stepflow.handle import stepflow_session
+        from .stepflow.handle import session as intervention_session
 
-        session = stepflow_session(model, tokenizer, stepflow, labeler)
+        session = intervention_session(model, tokenizer, stepflow, labeler)
     t0 = time.perf_counter()
     with session as sf, torch.inference_mode():
         # prompt + generated ids per row, what the repetition penalty looks at (finished rows' columns: unused)
@@ -330,11 +330,10 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
             meta["decoding"] = {"cache": decoding.cache, "compile": decoding.compile}
         if stats is not None:
             meta["stepflow"] = stats[b]
-        if flows:
+        if flows and sf.monitor_bands is not None:
             from .stepflow.monitor import FlowRecord, thinking_spans
 
-            record = FlowRecord.from_tokens(flows[b], thinking_spans(labels, len(prompts[b])),
-                                            sf.resolved.oeb_layers, sf.resolved.smi_layers)
+            record = FlowRecord.from_tokens(flows[b], thinking_spans(labels, len(prompts[b])), *sf.monitor_bands)
             meta["flow"] = record.to_dict()
         out.append((responses[b], labels, note, meta))
     return out

@@ -26,7 +26,7 @@ from .defaults import (  # re-exported; one home in defaults.py
     PAIRED_TEMPERATURE,
 )
 from .failing import failing_step_analysis, locate, organism_problem
-from .measure import Intervention, Measured, cached_measure
+from .measure import Arm, Measured, cached_measure
 from .mechanism import MechanismResult, activation_effects, components, mechanism_check
 from .worked import gsm8k_steps, locate_worked
 
@@ -210,9 +210,9 @@ def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.Path
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None) or "model"
     opts = config.measure_options()
     cache_dir = None if cache is None else Path(cache)
-    main = Intervention("baseline") if config.measure_with is None else Intervention("stepflow", config.measure_with)
+    main = Arm("baseline") if config.measure_with is None else Arm("stepflow", config.measure_with)
 
-    def run(items: list[GradedTrace], iv: Intervention, desc: str) -> list[Measured]:
+    def run(items: list[GradedTrace], iv: Arm, desc: str) -> list[Measured]:
         out = []
         bar = progress_.bar(len(items), desc, "trace", enabled=bool(progress))  # stderr; plain lines in a log
         try:
@@ -241,7 +241,7 @@ def analyze(model, tokenizer, traces: str | os.PathLike | Sequence[str | os.Path
         if pick:
             sel = [usable[i] for i in pick]
             base = ([measured[i] for i in pick] if main.stepflow is None
-                    else run(sel, Intervention("baseline"), f"baseline [{name}]"))
+                    else run(sel, Arm("baseline"), f"baseline [{name}]"))
             conds = {iv.name: run(sel, iv, f"{iv.name} [{name}]")
                      for iv in components(config.stepflow, config.seed, config.controls)}
             acts = None

@@ -34,8 +34,9 @@ SITE_METRICS = ("boundary_prev_share", "after_prev_share")
 
 
 @dataclass(frozen=True)
-class Intervention:
-    """What is switched on during the teacher-forced pass: nothing, a StepFlow config, or its random control."""
+class Arm:
+    """One arm of a measurement: what is switched on during the teacher-forced pass (nothing, a StepFlow config,
+    or its random control)."""
 
     name: str = "baseline"
     stepflow: StepFlowConfig | None = None
@@ -44,6 +45,17 @@ class Intervention:
     def __post_init__(self):
         if self.control is not None and self.stepflow is None:
             raise StepscopeError("a StepFlow control needs the StepFlow config it is the control of")
+
+    @property
+    def spec(self):
+        """The intervention to install (None: the plain model)."""
+        if self.stepflow is None:
+            return None
+        if self.control is None:
+            return self.stepflow
+        from ..stepflow.controls import ControlledStepFlow
+
+        return ControlledStepFlow(self.stepflow, self.control)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "stepflow": None if self.stepflow is None else self.stepflow.to_dict(),
@@ -169,19 +181,15 @@ def derive(atom_sums: np.ndarray, atom_other: np.ndarray, trace: Trace, atoms: l
     return Measured(real, shuffled, site_metrics(atom_sums, atoms, steps, sums))
 
 
-def _session(model, tokenizer, trace: Trace, intervention: Intervention):
-    if intervention.stepflow is None:
+def _session(model, tokenizer, trace: Trace, arm: Arm):
+    if arm.spec is None:
         return contextlib.nullcontext()
-    if intervention.control is None:
-        from ..stepflow.fullpass import teacher_forced
+    from ..stepflow.fullpass import teacher_forced
 
-        return teacher_forced(model, tokenizer, intervention.stepflow, [trace])
-    from ..stepflow.controls import teacher_forced_control
-
-    return teacher_forced_control(model, tokenizer, intervention.stepflow, intervention.control, [trace])
+    return teacher_forced(model, tokenizer, arm.spec, [trace])
 
 
-def measure(model, tokenizer, trace: Trace, intervention: Intervention = Intervention(), *, target: str = "all",
+def measure(model, tokenizer, trace: Trace, intervention: Arm = Arm(), *, target: str = "all",
             chunk_mb: float = CHUNK_MB, band_fraction: float = BAND_FRACTION, shuffles: int = 39,
             seed: int = 0) -> Measured:
     """Measure one trace (teacher-forced) under ``intervention``."""
@@ -200,7 +208,7 @@ def measure(model, tokenizer, trace: Trace, intervention: Intervention = Interve
 
 
 # -- cache ------------------------------------------------------------------------------------------------------------
-def cache_key(model_name: str, trace: Trace, intervention: Intervention, options: dict) -> str:
+def cache_key(model_name: str, trace: Trace, intervention: Arm, options: dict) -> str:
     doc = json.dumps({"v": CACHE_VERSION, "model": model_name, "ids": trace.token_ids, "prompt_len": trace.prompt_len,
                       "steps": [(s.kind, s.start, s.end) for s in trace.steps], "intervention": intervention.to_dict(),
                       "options": options}, sort_keys=True)
@@ -233,7 +241,7 @@ def load_measured(path: Path) -> Measured | None:
     return Measured(r, arrays["shuffled"], sites)
 
 
-def cached_measure(model, tokenizer, model_name: str, trace: Trace, intervention: Intervention, cache: Path | None,
+def cached_measure(model, tokenizer, model_name: str, trace: Trace, intervention: Arm, cache: Path | None,
                    **options) -> Measured:
     """:func:`measure`, reusing ``cache/<key>.npz/.json`` when present."""
     if cache is None:

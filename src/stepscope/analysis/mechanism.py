@@ -22,21 +22,21 @@ from ..evaluation import stats
 from ..stepflow import StepFlowConfig
 from ..stepflow.controls import StepFlowControl
 from ..trace import Trace
-from .measure import SITE_METRICS, Intervention, Measured
+from .measure import SITE_METRICS, Arm, Measured
 from .scores import CURVE_METRICS, SCORE_NAMES, layer_values, score_values
 
 # which control each real component is held against
 CONTROL_OF = {"oeb": "oeb_random", "smi": "smi_random"}
 
 
-def components(config: StepFlowConfig, seed: int = 0, controls: bool = True) -> tuple[Intervention, ...]:
+def components(config: StepFlowConfig, seed: int = 0, controls: bool = True) -> tuple[Arm, ...]:
     """OEB only, SMI only, both (and the two controls) from one StepFlow config."""
     oeb = dataclasses.replace(config, smi=False)
     smi = dataclasses.replace(config, oeb=False)
-    out = [Intervention("oeb", oeb), Intervention("smi", smi), Intervention("both", config)]
+    out = [Arm("oeb", oeb), Arm("smi", smi), Arm("both", config)]
     if controls:
-        out += [Intervention("oeb_random", oeb, StepFlowControl("random_bridge", seed)),
-                Intervention("smi_random", smi, StepFlowControl("random_momentum", seed))]
+        out += [Arm("oeb_random", oeb, StepFlowControl("random_bridge", seed)),
+                Arm("smi_random", smi, StepFlowControl("random_momentum", seed))]
     return tuple(out)
 
 
@@ -161,7 +161,7 @@ def smi_sites(trace: Trace) -> tuple[list[int], list[int]]:
     return boundary, after
 
 
-def _forward(model, tokenizer, trace: Trace, intervention: Intervention | None):
+def _forward(model, tokenizer, trace: Trace, intervention: Arm | None):
     import contextlib
 
     import torch
@@ -169,24 +169,18 @@ def _forward(model, tokenizer, trace: Trace, intervention: Intervention | None):
     from ..batch import pad_batch
 
     batch = pad_batch(model, tokenizer, [trace.token_ids])
-    session: contextlib.AbstractContextManager
-    if intervention is None or intervention.stepflow is None:
-        session = contextlib.nullcontext()
-    elif intervention.control is None:
+    session: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if intervention is not None and intervention.spec is not None:
         from ..stepflow.fullpass import teacher_forced
 
-        session = teacher_forced(model, tokenizer, intervention.stepflow, [trace])
-    else:
-        from ..stepflow.controls import teacher_forced_control
-
-        session = teacher_forced_control(model, tokenizer, intervention.stepflow, intervention.control, [trace])
+        session = teacher_forced(model, tokenizer, intervention.spec, [trace])
     with session, torch.no_grad():
         out = model(**batch.forward_kwargs(), use_cache=False, output_hidden_states=True)
     hidden = torch.stack(out.hidden_states[1:])[:, 0].double()  # (L, T, d): output of each layer
     return hidden, torch.log_softmax(out.logits[0].double(), -1)
 
 
-def activation_effects(model, tokenizer, traces: list[Trace], interventions: list[Intervention], problem_ids: list[str],
+def activation_effects(model, tokenizer, traces: list[Trace], interventions: list[Arm], problem_ids: list[str],
                        *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Per layer, the relative change of the hidden state (layer output) at SMI's firing tokens and over the steps
     they open, and the KL divergence of the next-token distribution there, per intervention (same tokens)."""

@@ -27,7 +27,9 @@ def register(sub) -> None:
                    help="run baseline and StepFlow (= --conditions baseline,stepflow)")
     r.add_argument("--conditions", default=None,
                    help="comma list of baseline, stepflow, oeb-only, smi-only (StepFlow flags apply to all but "
-                   "baseline)")
+                   "baseline), or the kind of a registered intervention plug-in (see docs/architecture.md)")
+    r.add_argument("--intervention-option", action="append", default=[], metavar="KIND.NAME=VALUE",
+                   help="a setting of a plug-in condition (repeatable), e.g. question_boost.beta=2")
     r.add_argument("--shard", default=None, metavar="I/N", help="take problems with index %% N == I "
                    "(automatic under accelerate launch)")
     r.add_argument("--workers", type=int, default=2, help="grading processes (0: grade in this process)")
@@ -132,14 +134,16 @@ def load_eval_problems(args):
 def build_config(args, problems, dataset: dict, *, device=_FROM_ARGS, device_map=_FROM_ARGS):
     """The run's config, checked as far as it can be without loading the model (``device`` and ``device_map``:
     where this process will load it, when that is not what the arguments say)."""
-    from ..evaluation.conditions import build_conditions
+    from ..evaluation.conditions import CONDITION_NAMES, build_conditions
     from ..evaluation.graders import GradingConfig
     from ..evaluation.run_config import RunConfig, Sampling, problems_fingerprint
     from ..models import checkpoint_identity, device_kind, dtype_name
+    from ..stepflow.intervention import parse_option_flags
 
     names = condition_names(args)
-    needs_stepflow = any(n != "baseline" for n in names)
+    needs_stepflow = any(n in CONDITION_NAMES and n != "baseline" for n in names)
     stepflow = stepflow_from_args(args, None, force=needs_stepflow)
+    plugin_settings = parse_option_flags(getattr(args, "intervention_option", None) or [])
     sampling = Sampling(n=args.n, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         **sampling_from_args(args).to_dict())
     if sampling.n > 1 and sampling.temperature == 0:
@@ -148,11 +152,11 @@ def build_config(args, problems, dataset: dict, *, device=_FROM_ARGS, device_map
     device = args.device if device is _FROM_ARGS else device
     device_map = getattr(args, "device_map", None) if device_map is _FROM_ARGS else device_map
     checkpoint = checkpoint_identity(args.model)
-    conditions = build_conditions(names, stepflow)
+    conditions = build_conditions(names, stepflow, plugin_settings)
     if checkpoint.num_layers is not None:  # layer lists out of range fail now, not after minutes of loading
         for c in conditions:
-            if c.stepflow is not None:
-                c.stepflow.resolve(checkpoint.num_layers)
+            if c.intervention is not None:
+                c.intervention.layers(checkpoint.num_layers)
     return RunConfig(args.model, dataset, problems_fingerprint(problems), len(problems), sampling,
                      conditions, args.profile, not args.no_instruction,
                      dtype=dtype_name(args.dtype, device, device_map, checkpoint),
@@ -187,15 +191,21 @@ def _placement(args):
 
 
 def _layers(config, model) -> dict:
+    from ..stepflow.config import StepFlowConfig
+
     layers = model.config.num_hidden_layers
     out = {}
     for c in config.conditions:
-        if c.stepflow is not None:
+        spec = c.intervention
+        if isinstance(spec, StepFlowConfig):
             from ..windows import layer_windows
 
-            resolved = c.stepflow.resolve(layers, layer_windows(model.config))
+            resolved = spec.resolve(layers, layer_windows(model.config))
             print(f"{c.name}: {resolved.describe()}")
             out[c.name] = {"oeb": sorted(resolved.oeb_layers), "smi": sorted(resolved.smi_layers)}
+        elif spec is not None:
+            print(f"{c.name}: {spec.describe(layers)}")
+            out[c.name] = {"layers": sorted(spec.layers(layers))}
     return out
 
 

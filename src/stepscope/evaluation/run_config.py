@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import StepscopeError
 from ..sampling import SamplingConfig
-from ..stepflow import StepFlowConfig
+from ..stepflow.intervention import intervention_from_dict
 from .conditions import Condition
 from .datasets import Problem
 
@@ -108,7 +108,7 @@ class RunConfig:
             "num_problems": self.num_problems,
             "sampling": self.sampling.to_dict(),
             # a mapping by name, so a changed field reads as conditions.<name>.<field>
-            "conditions": {c.name: c.stepflow_dict() for c in self.conditions},
+            "conditions": {c.name: c.intervention_dict() for c in self.conditions},
             "profile": self.profile,
             "instruction": self.instruction,
             **{k: getattr(self, k) for k in OPTIONAL_FIELDS if getattr(self, k) is not None},
@@ -118,7 +118,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        conditions = tuple(Condition(name, None if cfg is None else StepFlowConfig.from_dict(cfg))
+        conditions = tuple(Condition(name, None if cfg is None else intervention_from_dict(cfg))
                            for name, cfg in d["conditions"].items())
         return cls(d["model"], dict(d["dataset"]), d["problems_sha"], int(d["num_problems"]),
                    Sampling(**d["sampling"]), conditions, d.get("profile", "auto"), bool(d.get("instruction", True)),
@@ -139,7 +139,7 @@ class RunConfig:
         s = self.sampling
         return {"run": self.fingerprint(), "model": self.model, "dataset": self.dataset.get("name"), "n": s.n,
                 "temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens,
-                "seed": s.seed, "sampling": s.config.to_dict(), "stepflow": condition.stepflow_dict(),
+                "seed": s.seed, "sampling": s.config.to_dict(), "stepflow": condition.intervention_dict(),
                 "dtype": self.dtype, "device": self.device}
 
 

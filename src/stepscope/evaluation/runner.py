@@ -256,7 +256,7 @@ def _run_batch(model, tokenizer, units: Sequence[_Unit], condition: Condition, c
     traces = generate(model, tokenizer, [_prompt(u.problem, profile, config.instruction) for u in units],
                       max_new_tokens=s.max_new_tokens, **s.config.to_dict(),
                       seeds=[u.seed for u in units], batch_size=len(units), profile=profile,
-                      stepflow=condition.stepflow, progress=False)
+                      stepflow=condition.intervention, progress=False)
     grades = grade([u.problem for u in units], [t.response for t in traces])
     per_sample = (time.perf_counter() - t0) / len(units)
     record_config = config.record_config(condition)

@@ -328,7 +328,7 @@ def settings_from_run(run: Mapping[str, Any]) -> dict:
     return {"model": config.model, "dataset": dataset.pop("name", "?"), "dataset_params": dataset,
             "problems": config.num_problems, "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
             "max_new_tokens": s.max_new_tokens, "seed": s.seed, "sampling": s.config.to_dict(),
-            "profile": config.profile, "conditions": {c.name: c.stepflow_dict() for c in config.conditions},
+            "profile": config.profile, "conditions": {c.name: c.intervention_dict() for c in config.conditions},
             "layers": run.get("info", {}).get("layers", {}), "run": run.get("run_id"),
             "stepscope_version": run.get("info", {}).get("stepscope_version")}
 
@@ -348,6 +348,11 @@ def _stepflow_text(cfg: Mapping[str, Any] | None, layers: Mapping[str, Any] | No
     if cfg is None:
         return "off (plain decoding)"
     layers = layers or {}
+    if cfg.get("kind", "stepflow") != "stepflow":  # a plug-in intervention describes itself
+        from ..stepflow.intervention import describe_dict
+
+        text = describe_dict(cfg)
+        return text + (f", on {_layer_text(layers['layers'], None, '', None)}" if layers.get("layers") else "")
     parts = []
     if cfg.get("oeb"):
         where = _layer_text(layers.get("oeb"), cfg.get("oeb_layers"), "bottom", cfg.get("band_fraction"))
@@ -406,7 +411,8 @@ def _settings_table(s: Summary) -> list[str]:
             ("max new tokens", st.get("max_new_tokens", "?")), ("seed", st.get("seed", "?"))]
     layers = st.get("layers") or {}
     for c in s.conditions:
-        rows.append((f"StepFlow in `{c.name}`", _stepflow_text(c.stepflow, layers.get(c.name))))
+        what = "StepFlow" if (c.stepflow or {}).get("kind", "stepflow") == "stepflow" else "intervention"
+        rows.append((f"{what} in `{c.name}`", _stepflow_text(c.stepflow, layers.get(c.name))))
     if s.duplicates:
         rows.append(("duplicate lines dropped", s.duplicates))
     out = ["# Evaluation summary", "", "| setting | value |", "| --- | --- |"]

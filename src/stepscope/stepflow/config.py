@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..bands import Bands
 from ..defaults import ALPHA, BAND_FRACTION, TAU_MAX
 from ..errors import StepscopeError
+from .intervention import register_intervention
+
+if TYPE_CHECKING:
+    from .handle import InterventionHandle
+    from .intervention import Edit
 
 
+@register_intervention
 @dataclass(frozen=True)
 class StepFlowConfig:
     """Odds-Equal Bridge (shallow layers) and Step Momentum Injection (deep layers).
+
+    An intervention (:mod:`stepscope.stepflow.intervention`) composed of two edits, :class:`~.oeb_edit.OEBEdit`
+    and :class:`~.smi_edit.SMIEdit`; ``oeb=False`` / ``smi=False`` leave one out.
 
     ``oeb_layers`` / ``smi_layers``: explicit layer indices, or None for the bottom / top ``band_fraction`` of
     layers (rounded up). ``tau_max``: the bridge mass OEB lifts a head to (at most). ``alpha``: SMI strength.
@@ -32,6 +42,9 @@ class StepFlowConfig:
     smi_at_summary: bool = False
     band_fraction: float = BAND_FRACTION
     sink_tokens: int = 1
+
+    kind: ClassVar[str] = "stepflow"
+    label: ClassVar[str] = "StepFlow"
 
     def __post_init__(self):
         if not 0 <= self.tau_max < 1:
@@ -68,6 +81,29 @@ class StepFlowConfig:
             raise StepscopeError(f"{len(windows)} layer windows for a model with {num_layers} layers")
         return ResolvedStepFlow(self, frozenset(oeb if self.oeb else ()), frozenset(smi if self.smi else ()),
                                 num_layers, windows)
+
+    def layers(self, num_layers: int) -> frozenset[int]:
+        resolved = self.resolve(num_layers)
+        return resolved.oeb_layers | resolved.smi_layers
+
+    def start(self, handle: InterventionHandle) -> list[Edit]:
+        """OEB then SMI, on ``handle``'s model; feeds the flow monitor."""
+        from .oeb_edit import OEBEdit
+        from .smi_edit import SMIEdit
+
+        resolved = self.resolve(handle.num_layers, handle.windows or None)
+        warn_hand_sliding(resolved)
+        handle.monitor_bands = (resolved.oeb_layers, resolved.smi_layers)
+        return [OEBEdit(handle, self, resolved), SMIEdit(handle, self, resolved)]
+
+    def describe(self, num_layers: int | None = None) -> str:
+        if num_layers is not None:
+            return self.resolve(num_layers).describe()
+        parts = [f"OEB on {'layers ' + _ranges(self.oeb_layers) if self.oeb_layers is not None else 'the bottom band'}"
+                 f" (tau_max={self.tau_max})" if self.oeb else "OEB off",
+                 f"SMI on {'layers ' + _ranges(self.smi_layers) if self.smi_layers is not None else 'the top band'}"
+                 f" (alpha={self.alpha})" if self.smi else "SMI off"]
+        return "StepFlow: " + "; ".join(parts)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,6 +156,17 @@ class ResolvedStepFlow:
                 text += "; OEB skips one while its window holds no bridge key"
             text += "]"
         return text
+
+
+def warn_hand_sliding(resolved: ResolvedStepFlow) -> None:
+    """OEB layers given by hand that use a sliding window are kept, with a warning: they edit only while a bridge
+    key is inside the window (the default band skips them where it is not)."""
+    slid = resolved.sliding(resolved.oeb_layers)
+    if slid and not resolved.oeb_default:
+        sizes = "/".join(str(w) for w in sorted({resolved.windows[x] for x in slid}))
+        warnings.warn(f"OEB layers {','.join(map(str, slid))} were given by hand and use a sliding window ({sizes} "
+                      "tokens): they edit only while a bridge key (the question, or the thinking for the summary) "
+                      "is inside the window; kept as given", stacklevel=4)
 
 
 def _ranges(layers, windows=()) -> str:

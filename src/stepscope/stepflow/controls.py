@@ -7,28 +7,25 @@
   direction with the same norm.
 
 The draws are a fixed function of ``seed`` (and of the layer for SMI), so the forward pass, its recomputation
-inside Step-Saliency and the rebuilt attention weights all see the same control. Kept out of :mod:`.handle`: a
-subclass overrides the two places where groups and injections are made.
+inside Step-Saliency and the rebuilt attention weights all see the same control. Each control is an edit that
+subclasses the real one and overrides where its groups or injections are made; :class:`ControlledStepFlow` is
+the intervention that composes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..attention.dispatch import AttentionCall, install, interface_layers, require_interface
-from ..attention.scores import log_normaliser
-from ..batch import model_device
 from ..errors import StepscopeError
-from ..labels import replay_labels
-from ..profiles import get_profile
-from ..trace import Trace
 from .config import StepFlowConfig
-from .handle import StepFlowHandle
-from .oeb import groups, odds_equal_bridge
+from .intervention import Edit, register_intervention
+from .oeb import groups
+from .oeb_edit import OEBEdit
+from .smi_edit import SMIEdit
 
 CONTROL_KINDS = ("random_bridge", "random_momentum")
 
@@ -63,68 +60,84 @@ def random_groups(segment: torch.Tensor, seed: int) -> torch.Tensor:
     return pool & (rank < size)
 
 
-class ControlHandle(StepFlowHandle):
-    """A StepFlow handle whose bridge group or momentum vector is replaced by its random control."""
+class RandomBridgeOEB(OEBEdit):
+    """OEB whose lifted group is a random set of keys of the bridge's size (fixed by the seed per batch)."""
 
-    control: StepFlowControl
-    _random_bridge: torch.Tensor | None = None
+    def __init__(self, handle, config, resolved, seed: int):
+        super().__init__(handle, config, resolved)
+        self.seed = seed
+        self._random: torch.Tensor | None = None
 
-    def bind_labels(self, labels) -> None:
-        super().bind_labels(labels)
-        if self.control.kind == "random_bridge":
-            self._random_bridge = random_groups(labels.segment[:, : labels.length], self.control.seed)
+    def reset(self, labels) -> None:
+        super().reset(labels)
+        self._random = random_groups(labels.segment[:, : labels.length], self.seed)
 
-    def _views(self, Tq: int, Tk: int):
-        v = super()._views(Tq, Tk)
-        if self._random_bridge is None:
-            return v
-        rb = self._random_bridge.index_select(2, v.q_pos).index_select(3, v.k_pos)
-        pool = v.bridge | v.current
-        return dataclasses.replace(v, bridge=rb, current=pool & ~rb)
+    def groups(self, views):
+        if self._random is None:
+            raise StepscopeError("the random-bridge control needs labels bound first")
+        rb = self._random.index_select(2, views.q_pos).index_select(3, views.k_pos)
+        pool = views.bridge | views.current
+        return rb, pool & ~rb, views.editable
 
-    def _smi(self, call, out, fire, k_seg, k_step):
-        edited = super()._smi(call, out, fire, k_seg, k_step)
-        if self.control.kind != "random_momentum":
-            return edited
-        delta = edited - out  # (B, Tq, H, D): alpha * m at firing tokens, zero elsewhere
+    def block_groups(self, labels, b, q0, q1, k0, k1):
+        bridge, current, editable = super().block_groups(labels, b, q0, q1, k0, k1)
+        if self._random is None:
+            raise StepscopeError("the random-bridge control needs labels bound first")
+        r = self._random[b : b + 1, :, q0:q1, k0:k1]
+        return r, (bridge | current) & ~r, editable
+
+
+class RandomMomentumSMI(SMIEdit):
+    """SMI whose injected vector is a random direction with the norm of ``alpha * m`` (per head and token)."""
+
+    def __init__(self, handle, config, resolved, seed: int):
+        super().__init__(handle, config, resolved)
+        self.seed = seed
+
+    def inject_many(self, call, out, fire, k_seg, k_step):
+        delta = super().inject_many(call, out, fire, k_seg, k_step) - out  # alpha * m at firing tokens, else 0
         norm = delta.double().norm(dim=-1, keepdim=True)
-        gen = torch.Generator(device="cpu").manual_seed(int(self.control.seed) * 1009 + int(call.layer_idx))
+        gen = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1009 + int(call.layer_idx))
         noise = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(delta.device)
         noise = noise / noise.norm(dim=-1, keepdim=True).clamp_min(1e-30) * norm
         return out + noise.to(out.dtype)
 
-    def saliency_edit(self, layer: int):
-        """The attention weights this layer used, for Step-Saliency's rebuild (None: no edit in this layer)."""
-        if layer not in self.resolved.oeb_layers or self.config.tau_max == 0:
-            return None
-        labels, rb = self.bound_labels, self._random_bridge
 
-        def edit(call: AttentionCall, b: int, q0: int, q1: int, k0: int, k1: int, logits: torch.Tensor):
-            bridge, current, editable = groups(labels.role[b : b + 1, q0:q1], labels.segment[b : b + 1, k0:k1])
-            if rb is not None:
-                r = rb[b : b + 1, :, q0:q1, k0:k1]
-                bridge, current = r, (bridge | current) & ~r
-            res = odds_equal_bridge(logits[None], log_normaliser(call, logits)[None], bridge, current, editable,
-                                    self.config.tau_max, self.config.eps)
-            return res.probs[0]
+@register_intervention
+@dataclass(frozen=True)
+class ControlledStepFlow:
+    """StepFlow with one edit replaced by its control (an intervention like any other, for teacher-forced passes:
+    the random draws are made per bound batch of finished traces)."""
 
-        return edit
+    stepflow: StepFlowConfig
+    control: StepFlowControl
 
+    kind: ClassVar[str] = "stepflow_control"
+    label: ClassVar[str] = "StepFlow control"
+    decodes: ClassVar[bool] = False  # the random draws cover a finished sequence: teacher-forced passes only
 
-@contextlib.contextmanager
-def teacher_forced_control(model, tokenizer, config: StepFlowConfig, control: StepFlowControl, traces: list[Trace]):
-    """Like :func:`~stepscope.stepflow.fullpass.teacher_forced`, with the edit replaced by its control; yields the
-    handle (``saliency_edit`` serves Step-Saliency)."""
-    resolved = config.resolve(model.config.num_hidden_layers)
-    require_interface(model, interface_layers(model), resolved.oeb_layers | resolved.smi_layers,
-                      "StepFlow needs softmax attention in the layers it edits")
-    handle = ControlHandle(model, tokenizer, config, resolved)
-    handle.control = control
-    handle._install = install(model, handle, exclusive="stepflow")
-    try:
-        device = model_device(model)
-        rows = [(t.token_ids, t.prompt_len, get_profile(t.profile, tokenizer)) for t in traces]
-        handle.bind_labels(replay_labels(tokenizer, rows, device, config.sink_tokens))
-        yield handle
-    finally:
-        handle.remove()
+    def layers(self, num_layers: int) -> frozenset[int]:
+        return self.stepflow.layers(num_layers)
+
+    def start(self, handle) -> list[Edit]:
+        resolved = self.stepflow.resolve(handle.num_layers)
+        seed, cfg = self.control.seed, self.stepflow
+        oeb = (RandomBridgeOEB(handle, cfg, resolved, seed) if self.control.kind == "random_bridge"
+               else OEBEdit(handle, cfg, resolved))
+        smi = (RandomMomentumSMI(handle, cfg, resolved, seed) if self.control.kind == "random_momentum"
+               else SMIEdit(handle, cfg, resolved))
+        return [oeb, smi]
+
+    def describe(self, num_layers: int | None = None) -> str:
+        return f"{self.stepflow.describe(num_layers)} [control: {self.control.kind}, seed {self.control.seed}]"
+
+    @property
+    def sink_tokens(self) -> int:
+        return self.stepflow.sink_tokens
+
+    def to_dict(self) -> dict:
+        return {"stepflow": self.stepflow.to_dict(), "control": self.control.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControlledStepFlow:
+        return cls(StepFlowConfig.from_dict(d["stepflow"]), StepFlowControl(**d["control"]))
