@@ -6,7 +6,8 @@ Step-Saliency (attention x gradient) gives per thinking step the share of its in
 the question, averaged over the shallow band (``question_share_per_step``), computed on the same tokens with the
 same StepFlow edits on (teacher-forced; the full pass equals decoding). This script reports Spearman's rank
 correlation between the two: within each trace across its steps (traces with at least ``--min-steps`` steps),
-and pooled over every step of every trace, each with a problem-clustered bootstrap interval.
+against the same for the step position alone, within traces once each trace's linear trend over its steps is
+removed, and pooled over every step of every trace, each with a problem-clustered bootstrap interval.
 
     python scripts/monitor_correlation.py --model default --task addsub --n 24 --out docs/data/monitor_addsub.json
     python scripts/monitor_correlation.py --model organism --task organism:medium --n 24 \\
@@ -67,6 +68,26 @@ def partial_spearman(x, y, covariates) -> float:
     rx, ry = resid(x), resid(y)
     den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
     return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def detrended(rows: list[dict], proxy: str, min_steps: int) -> float:
+    """Spearman's rho, pooled over steps, of proxy and reach after removing each trace's own linear trend in the
+    step index: whether the monitor follows reach beyond both falling along a trace (which a plain within-trace
+    rank correlation cannot tell from position)."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r["problem"], []).append(r)
+    xs: list[float] = []
+    ys: list[float] = []
+    for v in by.values():
+        if len(v) < max(min_steps, 3):
+            continue
+        step = np.array([r["step"] for r in v], float)
+        A = np.column_stack([np.ones_like(step), step])
+        for key, out in ((proxy, xs), ("reach", ys)):
+            y = np.array([r[key] for r in v], float)
+            out.extend((y - A @ np.linalg.lstsq(A, y, rcond=None)[0]).tolist())
+    return spearman(xs, ys)
 
 
 def clustered(rows: list[dict], stat, n_boot: int, seed: int) -> tuple[float, list[float]]:
@@ -165,8 +186,16 @@ def main() -> None:
                                            if sum(r["problem"] == k for r in rows) >= args.min_steps),
               "min_steps": args.min_steps, "proxies": {}, "seconds": {"generate": round(t_gen, 1),
                                                                         "total": round(t_all, 1)}}
+    # the position-only reference: how well "earlier step" alone ranks the steps of a trace by reach
+    for r in rows:
+        r["earlier"] = -r["step"]
+    pos, posci = clustered(rows, within("earlier"), args.n_boot, 3)
+    result["position_only_within_trace_mean_rho"], result["position_only_ci"] = pos, posci
+    print(f"  position only (earlier step = higher reach): within-trace mean rho {pos:+.3f} "
+          f"[{posci[0]:+.3f}, {posci[1]:+.3f}]", flush=True)
     for proxy in PROXIES:
         w, wci = clustered(rows, within(proxy), args.n_boot, 0)
+        dt, dtci = clustered(rows, lambda rs, p=proxy: detrended(rs, p, args.min_steps), args.n_boot, 4)
         pl, pci = clustered(rows, pooled(proxy), args.n_boot, 1)
         pn, pnci = clustered(rows, pooled_net(proxy), args.n_boot, 2)
         by: dict = {}
@@ -180,10 +209,12 @@ def main() -> None:
             "within_trace_positive": sum(x > 0 for x in rhos),
             "pooled_rho": pl, "pooled_ci": pci,
             "pooled_rho_net_of_length_and_position": pn, "pooled_net_ci": pnci,
+            "within_trace_detrended_rho": dt, "within_trace_detrended_ci": dtci,
         }
         print(f"{proxy:>10}: within-trace mean rho {w:+.3f} [{wci[0]:+.3f}, {wci[1]:+.3f}] over {len(rhos)} traces "
               f"({sum(x > 0 for x in rhos)} positive); pooled rho {pl:+.3f} [{pci[0]:+.3f}, {pci[1]:+.3f}] over "
-              f"{len(rows)} steps; net of step length and position {pn:+.3f} [{pnci[0]:+.3f}, {pnci[1]:+.3f}]",
+              f"{len(rows)} steps; net of step length and position {pn:+.3f} [{pnci[0]:+.3f}, {pnci[1]:+.3f}]; "
+              f"within traces net of each trace's trend over its steps {dt:+.3f} [{dtci[0]:+.3f}, {dtci[1]:+.3f}]",
               flush=True)
     result["rows"] = rows
     print(f"{result['traces']} traces, {len(rows)} steps, {t_all:.0f} s")

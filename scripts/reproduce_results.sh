@@ -51,3 +51,15 @@ sweep smi-a0.20 1 --no-oeb --alpha 0.2
 sweep smi-a0.50 1 --no-oeb --alpha 0.5
 sweep smi-all-a0.20 1 --no-oeb --smi-layers 0-5 --alpha 0.2
 sweep fresh-oeb-all-tau0.15 2 --no-smi --oeb-layers 0-5
+
+# calibrated bands vs the paper's default vs random bands, on fresh problems (docs/results.md, calibrated bands)
+python scripts/validate_calibration.py --model default --task addsub --n 300 --out docs/data/calibration_addsub.json
+python scripts/validate_calibration.py --model organism --task organism:medium --n 300 --max-new-tokens 400 \
+  --batch-size 32 --out docs/data/calibration_organism.json
+# the live flow monitor vs Step-Saliency's question reach (docs/results.md, the live flow monitor)
+python scripts/monitor_correlation.py --model default --task addsub --n 32 --max-new-tokens 200 \
+  --out docs/data/monitor_addsub.json
+python scripts/monitor_correlation.py --model default --task addsub-long --n 24 --max-new-tokens 240 \
+  --out docs/data/monitor_addsub_long.json
+python scripts/monitor_correlation.py --model organism --task organism:medium --n 64 --max-new-tokens 400 \
+  --batch-size 32 --out docs/data/monitor_organism.json

@@ -1,5 +1,6 @@
 """Correct-vs-wrong comparison and the mechanism check on hand-built saliency maps whose scores are known."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -99,7 +100,36 @@ def test_paired_test_uses_problems_with_both_outcomes_and_holm_runs_per_column()
     assert lock.tests["paired_raw"].p_holm >= t.p_value
     # Deep Decay does not differ at all (0.5 everywhere): not detected, with the smallest detectable effect
     decay = cmp.score("deep_decay")
-    assert decay.verdict.startswith("not detected") and "smallest detectable effect" in decay.verdict
+    assert decay.verdict.startswith("not detected") and "smallest detectable effect at the corrected level" in \
+        decay.verdict
+
+
+def test_the_detectable_effect_is_read_at_the_holm_level():
+    from stepscope.analysis.compare import family_mde_scale
+
+    assert family_mde_scale(1) == pytest.approx(1.0)
+    z = stats.normal_ppf
+    assert family_mde_scale(10) == pytest.approx((z(1 - 0.05 / 20) + z(0.8)) / (z(0.975) + z(0.8)))
+    cmp = compare_groups(_paired_traces(), n_boot=100, n_perm=199)
+    for s in cmp.scores:
+        t = s.tests["paired_raw"]
+        if t.mde is not None:
+            m = sum(x.tests["paired_raw"].available for x in cmp.scores)
+            assert t.mde_family == pytest.approx(t.mde * family_mde_scale(m))
+            assert t.mde_family >= t.mde
+
+
+def test_a_rejection_whose_problem_interval_covers_zero_is_not_established():
+    from stepscope.analysis.compare import TestColumn, verdict
+
+    base = compare_groups(_paired_traces(), n_boot=100, n_perm=199).score("shallow_lock_in")
+    col = TestColumn(0.3, -0.1, 0.6, 0.001, 0.01, 0.2, 40, "m", mde_family=0.3)
+    mixed = dataclasses.replace(base, tests={**base.tests, "paired_adjusted": col})
+    assert verdict(mixed, "paired_adjusted").startswith("not established")
+    clear = dataclasses.replace(base, tests={**base.tests, "paired_adjusted": dataclasses.replace(col, low=0.1)})
+    assert verdict(clear, "paired_adjusted").startswith("detected")
+    null = dataclasses.replace(base, tests={**base.tests, "paired_adjusted": dataclasses.replace(col, p_holm=0.4)})
+    assert verdict(null, "paired_adjusted").endswith("smallest detectable effect at the corrected level: 0.3000)")
 
 
 def test_all_correct_is_a_clear_message():

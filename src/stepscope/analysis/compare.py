@@ -70,7 +70,9 @@ class AnalysedTrace:
 @dataclass(frozen=True)
 class TestColumn:
     """One test of ``wrong - correct``: the estimate with its 95% interval, p (and Holm p), the minimum detectable
-    effect (80% power, two-sided 5%), how many units (traces or problems) it used."""
+    effect (80% power, two-sided 5%) of the test alone and at the family-wise level Holm's correction holds it to
+    (``mde_family``: two-sided 5% / m for a family of m tests, Holm's strictest step), how many units (traces or
+    problems) it used."""
 
     estimate: float | None = None
     low: float | None = None
@@ -82,6 +84,7 @@ class TestColumn:
     method: str = ""
     effect: dict = field(default_factory=dict)
     note: str = ""
+    mde_family: float | None = None
 
     @property
     def available(self) -> bool:
@@ -347,9 +350,19 @@ def compare_groups(traces: list[AnalysedTrace], model: str = "", *, n_boot: int 
 def _holm(scores: list[ScoreComparison]) -> list[ScoreComparison]:
     for col in COLUMNS:
         adjusted = stats.holm([s.tests[col].p_value for s in scores])
-        scores = [dataclasses.replace(s, tests={**s.tests, col: dataclasses.replace(s.tests[col], p_holm=a)})
-                  for s, a in zip(scores, adjusted)]
+        m = sum(s.tests[col].available for s in scores)
+        # a "not detected" is read against the corrected p, so its detectable effect is that of the strictest level
+        scale = family_mde_scale(m)
+        scores = [dataclasses.replace(s, tests={**s.tests, col: dataclasses.replace(
+            s.tests[col], p_holm=a, mde_family=None if s.tests[col].mde is None else s.tests[col].mde * scale)})
+            for s, a in zip(scores, adjusted)]
     return scores
+
+
+def family_mde_scale(m: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """How much larger the minimum detectable effect is at two-sided ``alpha / m`` than at ``alpha``."""
+    z = stats.normal_ppf
+    return float((z(1 - alpha / (2 * max(m, 1))) + z(power)) / (z(1 - alpha / 2) + z(power)))
 
 
 def verdict(s: ScoreComparison, headline: str) -> str:
@@ -363,6 +376,13 @@ def verdict(s: ScoreComparison, headline: str) -> str:
     if col.endswith("_raw"):
         label += ", not length-adjusted"
     interval = f"[{_f(t.low)}, {_f(t.high)}]" if t.low is not None else ""
+    covers_zero = t.low is not None and t.high is not None and t.low <= 0 <= t.high
+    if t.p_holm is not None and t.p_holm < 0.05 and covers_zero:
+        # the permutation p tests "no difference in any problem"; the interval resamples problems: a difference
+        # carried by some problems only passes the first and not the second
+        return (f"not established ({label}): wrong - correct = {_f(t.estimate)} {interval}; the test rejects "
+                f"(Holm p = {t.p_holm:.2g}) but the problem-resampled interval includes 0, so the difference is "
+                "not consistent across problems")
     if t.p_holm is not None and t.p_holm < 0.05:
         text = f"detected ({label}): wrong - correct = {_f(t.estimate)} {interval}, Holm p = {t.p_holm:.2g}"
         ctl = (s.control or {}).get(col)
@@ -371,8 +391,9 @@ def verdict(s: ScoreComparison, headline: str) -> str:
                      f"{_f(ctl['shuffled_mean'])} with shuffled boundaries (p_control = {ctl['p_control']:.2g}): "
                      + ("specific to the real steps" if ctl["exceeds"] else "not specific to the real steps"))
         return text
+    mde = t.mde_family if t.mde_family is not None else t.mde
     return (f"not detected ({label}: {_f(t.estimate)} {interval}, Holm p = {t.p_holm:.2g}; smallest detectable "
-            f"effect: {_f(t.mde, sign=False)})")
+            f"effect at the corrected level: {_f(mde, sign=False)})")
 
 
 def _f(x: float | None, sign: bool = True) -> str:

@@ -229,7 +229,7 @@ def _test_cell(t: dict) -> str:
     elif t.get("effect", {}).get("dz") is not None:
         extra = f", d<sub>z</sub> {t['effect']['dz']:+.2f}"
     return (f"{_v(t['estimate'], True)}{ci}<br>p {_p(t['p_value'])}, Holm {_p(t['p_holm'])}{extra}<br>"
-            f"<small>MDE {_num(t.get('mde'))}; n={t['n']}</small>")
+            f"<small>MDE {_num(t.get('mde'))} (at the Holm level {_num(t.get('mde_family'))}); n={t['n']}</small>")
 
 
 def _control_cell(ctl: dict | None, headline: str) -> str:
