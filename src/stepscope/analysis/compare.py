@@ -353,10 +353,14 @@ def _holm(scores: list[ScoreComparison]) -> list[ScoreComparison]:
         m = sum(s.tests[col].available for s in scores)
         # a "not detected" is read against the corrected p, so its detectable effect is that of the strictest level
         scale = family_mde_scale(m)
-        scores = [dataclasses.replace(s, tests={**s.tests, col: dataclasses.replace(
-            s.tests[col], p_holm=a, mde_family=None if s.tests[col].mde is None else s.tests[col].mde * scale)})
-            for s, a in zip(scores, adjusted)]
+        scores = [dataclasses.replace(s, tests={**s.tests, col: _with_holm(s.tests[col], a, scale)})
+                  for s, a in zip(scores, adjusted)]
     return scores
+
+
+def _with_holm(t: TestColumn, p_holm: float | None, scale: float) -> TestColumn:
+    mde = t.mde
+    return dataclasses.replace(t, p_holm=p_holm, mde_family=None if mde is None else mde * scale)
 
 
 def family_mde_scale(m: int, alpha: float = 0.05, power: float = 0.8) -> float:
