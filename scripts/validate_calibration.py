@@ -5,7 +5,7 @@ problems in every arm), each against plain decoding with the paired bootstrap in
 and calibrated against default head to head. Writes a JSON file of everything.
 
     python scripts/validate_calibration.py --model default --task addsub --n 300 --out docs/data/calibration_addsub.json
-    python scripts/validate_calibration.py --model organism --task organism:medium --n 300 --max-new-tokens 400 \
+    python scripts/validate_calibration.py --model organism --task organism:medium --n 300 --max-new-tokens 400 \\
         --batch-size 32 --out docs/data/calibration_organism.json
 """
 
