@@ -212,7 +212,7 @@ def test_livecodebench_rows_become_code_problems(fake_hub):
     assert problem.meta["source_id"] == "abc123"
     assert json.loads(problem.answer)["public"].startswith("[")
     assert calls[0][3] == {"version_tag": "release_v5"}
-    assert "standard input" in build_user_message(problem, "think")
+    assert problem.instruction == "code_stdio" and "standard input" in build_user_message(problem, "think")
 
 
 # --- reasoning-gym ---------------------------------------------------------------------------------------
@@ -476,10 +476,21 @@ def test_every_prompt_style_covers_every_grader_and_unknown_profiles_fail():
         build_user_message(_problem("math"), "chatty")
 
 
+def test_the_instruction_kind_is_a_typed_field_of_the_problem():
+    stdio = ds.Problem("x/0", "Read n, print n+1.", "tests", "code", {}, instruction="code_stdio")
+    assert build_user_message(stdio, "think").endswith(ds.INSTRUCTIONS["think"]["code_stdio"])
+    assert build_user_message(ds.Problem("x/1", "Q", "t", "code", {}), "think").endswith(
+        ds.INSTRUCTIONS["think"]["code"])
+    with pytest.raises(StepscopeError, match="no prompt instruction of kind 'poem'"):
+        build_user_message(ds.Problem("x/2", "Q", "1", "math", {}, instruction="poem"), "plain")
+    # a row's meta keys do not steer the prompt (only loaders set the field)
+    assert build_user_message(ds.Problem("x/3", "Q", "1", "math", {"raw_prompt": True}), "plain") != "Q"
+
+
 def test_organism_sets_are_math_problems_prompted_with_the_bare_question():
     problems = load_problems("organism:easy", size=4, seed=0, limit=2)
     assert [p.meta["index"] for p in problems] == [0, 1]
-    assert all(p.grader == "math" and p.meta["raw_prompt"] for p in problems)
+    assert all(p.grader == "math" and p.instruction == ds.NO_INSTRUCTION for p in problems)
     assert problems[0].answer.lstrip("-").isdigit()
     assert build_user_message(problems[0], "plain") == problems[0].question  # no instruction appended
     # an index past the default size grows the set rather than failing; the stream is the same

@@ -53,8 +53,10 @@ class Problem:
 
     ``task``: what the grader needs beyond question and answer (:mod:`~stepscope.evaluation.grader_inputs`); when
     not given it is read from the meta keys (:func:`~stepscope.evaluation.grader_inputs.task_from_meta`).
-    ``meta``: provenance for display (dataset, index, source id, the row's other fields). Neither enters the
-    problem set's hash.
+    ``meta``: provenance for display (dataset, index, source id, the row's other fields). ``instruction``: which
+    answer-format instruction the prompt appends: None for the grader's, a kind of :data:`INSTRUCTIONS` (e.g.
+    ``"code_stdio"``), or :data:`NO_INSTRUCTION` for the bare question. None of the three enters the problem set's
+    hash.
     """
 
     id: str
@@ -63,6 +65,7 @@ class Problem:
     grader: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     task: GraderInput | None = field(default=None, compare=False, hash=False)
+    instruction: str | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.task is None:  # a problem made from meta keys alone (a user's JSONL, older code)
@@ -191,7 +194,7 @@ def _livecodebench_row(row: dict, index: int) -> dict:
         "private_test_cases": json.dumps(tests),
         "question_id": row.get("question_id", index),
         "harness": "functional" if functional else "stdio",
-        "prompt_kind": "code" if functional else "code_stdio",
+        "instruction": "code" if functional else "code_stdio",  # read into Problem.instruction
         "platform": row.get("platform"),
         "difficulty": row.get("difficulty"),
         "contest_date": str(row.get("contest_date", "")),
@@ -207,7 +210,7 @@ _ROW_ADAPTERS: dict[str, Callable[[dict, int], dict]] = {"gpqa": _gpqa_row, "liv
                                                          "gsm8k": _gsm8k_row}
 _ADAPTER_META: dict[str, tuple[str, ...]] = {
     "gsm8k": ("worked_solution",),
-    "livecodebench": ("harness", "prompt_kind", "platform", "difficulty", "contest_date"),
+    "livecodebench": ("harness", "platform", "difficulty", "contest_date"),
 }
 
 
@@ -254,7 +257,9 @@ def _problem_from_row(spec: DatasetSpec, row: dict, index: int, where: str) -> P
     for name in spec.meta_fields + _ADAPTER_META.get(spec.row_adapter or "", ()):
         if name in row:
             meta[name] = row[name]
-    return Problem(f"{spec.name}/{index}", question, answer, spec.grader, meta, task_from_meta(spec.grader, meta))
+    instruction = row.get("instruction") if spec.row_adapter else None  # set by an adapter, never by a hub row
+    return Problem(f"{spec.name}/{index}", question, answer, spec.grader, meta, task_from_meta(spec.grader, meta),
+                   instruction)
 
 
 # --- selection ----------------------------------------------------------------------------------------
@@ -623,7 +628,7 @@ def organism_set_size(size: int | None, limit: int | None) -> int:
 
 def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> list[Problem]:
     """The organism's evaluation problems (math grader). The organism was trained on the bare question, so the
-    prompt carries no instruction (``raw_prompt``)."""
+    prompt carries no instruction."""
     from ..organism.tasks import organism_problems  # only this dataset needs it
 
     if indices:
@@ -632,8 +637,9 @@ def _load_organism(difficulty: str, seed: int, size: int, limit, indices) -> lis
     name = ORGANISM_PREFIX + difficulty
     problems = []
     for i, rec in _select(records, limit, indices, name):
-        meta = {**rec["meta"], "dataset": name, "index": i, "raw_prompt": True}
-        problems.append(Problem(str(rec["id"]), rec["question"], rec["answer"], "math", meta))
+        meta = {**rec["meta"], "dataset": name, "index": i}
+        problems.append(Problem(str(rec["id"]), rec["question"], rec["answer"], "math", meta,
+                                instruction=NO_INSTRUCTION))
     return problems
 
 
@@ -673,7 +679,8 @@ def _load_rg(task: str, params: Mapping[str, Any], seed: int, size: int | None, 
 
 # --- prompts ---------------------------------------------------------------------------------------------
 
-# Instruction appended to the question, by prompt style and problem kind (the grader, or meta["prompt_kind"]).
+# Instruction appended to the question, by prompt style and problem kind (Problem.instruction, else the grader).
+NO_INSTRUCTION = "none"  # Problem.instruction of problems prompted with the bare question (the organism's)
 _THINK_MATH = "Please reason step by step, and put your final answer within \\boxed{}."
 _PLAIN_MATH = PLAIN.instruction  # what the command line appends to a plain model's question, too
 INSTRUCTIONS: dict[str, dict[str, str]] = {
@@ -710,10 +717,12 @@ def build_user_message(problem: Problem, profile: Any) -> str:
     style = PROFILE_STYLES.get(profile_name)
     if style is None:
         raise StepscopeError(f"unknown prompt profile {profile_name!r}; choose one of {', '.join(PROFILE_STYLES)}")
-    if problem.meta.get("raw_prompt"):
+    if problem.instruction == NO_INSTRUCTION:
         return problem.question
-    kind = problem.meta.get("prompt_kind", problem.grader)
-    instruction = INSTRUCTIONS[style].get(kind) or INSTRUCTIONS[style].get(problem.grader)
+    if problem.instruction is not None and problem.instruction not in INSTRUCTIONS[style]:
+        raise StepscopeError(f"no prompt instruction of kind {problem.instruction!r}; known: "
+                             f"{', '.join(INSTRUCTIONS[style])}, or {NO_INSTRUCTION!r} for the bare question")
+    instruction = INSTRUCTIONS[style].get(problem.instruction or problem.grader)
     if instruction is None:
         raise StepscopeError(f"no prompt instruction for problems graded by {problem.grader!r}")
     return f"{problem.question.rstrip()}\n\n{instruction}"
