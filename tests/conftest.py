@@ -23,3 +23,23 @@ def default_model():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return stepscope.load_model("default")
+
+
+@pytest.fixture
+def quiet():
+    """Silence warnings (modules use it with ``pytestmark = pytest.mark.usefixtures("quiet")``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random llama (2 layers, plain-profile tokenizer) saved to disk, for command-line tests."""
+    from stepscope.testing import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer("plain")
+    tiny_model("llama", tok, layers=2).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -11,17 +11,6 @@ from stepscope.cli.main import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from stepscope.testing import tiny_model, tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer("plain")
-    tiny_model("llama", tok, layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def trace_dict(tokenizers):
     from stepscope import Trace
 

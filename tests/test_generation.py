@@ -1,6 +1,5 @@
 """Batched generation: left padding must not change any row; sampling is per row and reproducible."""
 
-import warnings
 
 import pytest
 
@@ -11,11 +10,7 @@ from stepscope.testing import FAMILIES, tiny_model
 QUESTIONS = ["What is 2+3?", "The farmer has 12 sheep and buys 7 more. How many sheep now?", "Why?"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 @pytest.mark.parametrize("family", FAMILIES)

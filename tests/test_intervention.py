@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,11 +33,7 @@ RESPONSE = ("First we add 2 and 3 to get 5. Then we double it to get 10. So we h
             "Final answer: 10<|im_end|>")
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 @pytest.fixture(scope="module")
@@ -298,15 +293,6 @@ def test_what_is_not_an_intervention_or_cannot_decode_is_refused(tokenizers):
 # -- eval and the summary ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from stepscope.testing import tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer("plain")
-    tiny_model("llama", tok, layers=2).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_eval_runs_a_plugin_condition_resumes_and_summarises_it(model_dir, tmp_path, capsys):

@@ -2,7 +2,6 @@
 final step spans say (offline), position by position, on plain, think and harmony traces, markers split included;
 and StepFlow's logits along a fixed token sequence with live labels equal the full pass driven by the spans."""
 
-import warnings
 
 import pytest
 import torch
@@ -30,11 +29,7 @@ FRAGMENTS = [
 texts = st.lists(st.sampled_from(FRAGMENTS), min_size=0, max_size=40)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 def prompt(tok):

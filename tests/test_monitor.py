@@ -15,11 +15,7 @@ QUESTIONS = ["What is 3 + 4? Tell me the sum of the two numbers.", "Hi, what is 
 CFG = StepFlowConfig(tau_max=0.6, alpha=0.3, oeb_layers=(0, 1), smi_layers=(2, 3))
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The streaming Step-Saliency engine against the brute-force reference (eager attention, retained gradients)."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -19,11 +18,7 @@ RESPONSES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 @pytest.fixture(scope="module")

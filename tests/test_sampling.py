@@ -4,7 +4,6 @@ recorded settings, and the token-counting progress bar."""
 
 import json
 import random
-import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -20,11 +19,7 @@ from stepscope.textmap import IncrementalDecoder
 QUESTIONS = ["What is 2+3?", "The farmer has 12 sheep and buys 7 more. How many sheep now?", "Why?"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 # --- the distribution after the processors, against numpy -------------------------------------------------

@@ -1,7 +1,6 @@
 """StepFlow on real model forwards: identity when off, exact SMI deltas, decode = full pass, batching, restore."""
 
 import itertools
-import warnings
 
 import numpy as np
 import pytest
@@ -23,11 +22,7 @@ QUESTIONS = ["What is (2+3)*2?", "Hi, what is 7?"]
 STRONG = StepFlowConfig(tau_max=0.6, alpha=1.5)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")  # warnings are not what these tests check
 
 
 @pytest.fixture(scope="module")
