@@ -3,6 +3,8 @@ import warnings
 
 import pytest
 
+from stepscope import sandbox  # light: no torch
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,3 +45,19 @@ def model_dir(tmp_path_factory):
     tiny_model("llama", tok, layers=2).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(params=list(sandbox.BACKENDS))
+def sandbox_backend(request, monkeypatch):
+    """Run a test under each isolation backend this machine supports (the fallbacks too); the others skip."""
+    from stepscope.errors import StepscopeError
+    from stepscope.sandbox import runner
+
+    try:
+        works = bool(runner._working_plans(request.param))
+    except StepscopeError:
+        works = False
+    if not works:
+        pytest.skip(f"the {request.param} backend does not work here")
+    monkeypatch.setenv(sandbox.ENV_VAR, request.param)
+    return request.param

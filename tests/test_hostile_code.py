@@ -14,29 +14,14 @@ import uuid
 import pytest
 
 from stepscope import sandbox
-from stepscope.errors import StepscopeError
 from stepscope.evaluation.datasets import Problem
 from stepscope.evaluation.graders import grade, grade_many
-from stepscope.sandbox import runner
 
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 PROBLEM = Problem("toy/add", PROMPT, TEST, "code", {"entry_point": "add"})
 
 
-def _works(backend: str) -> bool:
-    try:
-        return bool(runner._working_plans(backend))
-    except StepscopeError:
-        return False
-
-
-@pytest.fixture(params=list(sandbox.BACKENDS))
-def backend(request, monkeypatch):
-    if not _works(request.param):
-        pytest.skip(f"the {request.param} backend does not work here")
-    monkeypatch.setenv(sandbox.ENV_VAR, request.param)
-    return request.param
 
 
 def _respond(body: str) -> str:
@@ -118,20 +103,20 @@ def _unprotected(backend: str) -> bool:
 
 
 @pytest.mark.parametrize("trick", list(EXIT_TRICKS))
-def test_exit_and_forgery_tricks_never_pass(backend, trick):
-    if trick in _KILLERS and _unprotected(backend):
+def test_exit_and_forgery_tricks_never_pass(sandbox_backend, trick):
+    if trick in _KILLERS and _unprotected(sandbox_backend):
         pytest.skip("as an ordinary user without namespaces the program could signal the test runner")
     result = _grade(EXIT_TRICKS[trick])
     assert not result.correct, f"{trick} passed: {result.detail}"
 
 
-def test_exit_tricks_fail_on_the_unguarded_runner_too(backend):
+def test_exit_tricks_fail_on_the_unguarded_runner_too(sandbox_backend):
     """The same tricks do end with exit status 0 in a plain run: the verdict channel is what defends."""
     program = PROMPT + "    import os\n    os._exit(0)\n" + TEST + "\ncheck(add)\n"
     assert sandbox.run_python(program, timeout_s=5).ok
 
 
-def test_fork_storm_is_contained(backend):
+def test_fork_storm_is_contained(sandbox_backend):
     token = f"storm-{uuid.uuid4().hex}"
     body = (
         "import os, time, sys\n"
@@ -152,13 +137,13 @@ def test_fork_storm_is_contained(backend):
     _still_works()
 
 
-def test_memory_bomb_is_contained(backend):
+def test_memory_bomb_is_contained(sandbox_backend):
     result = _grade("x = bytearray(64 * 1024**3)\nreturn a + b")
     assert not result.correct
     _still_works()
 
 
-def test_disk_fill_inside_the_work_dir_is_capped(backend):
+def test_disk_fill_inside_the_work_dir_is_capped(sandbox_backend):
     body = (
         "import os\n"
         "for i in range(10000):\n"
@@ -173,7 +158,7 @@ def test_disk_fill_inside_the_work_dir_is_capped(backend):
     _still_works()
 
 
-def test_disk_fill_and_writes_outside_leave_nothing(backend):
+def test_disk_fill_and_writes_outside_leave_nothing(sandbox_backend):
     token = uuid.uuid4().hex
     targets = [f"/tmp/stepscope-escape-{token}", f"/var/tmp/stepscope-escape-{token}",
                f"/dev/shm/stepscope-escape-{token}", f"/root/stepscope-escape-{token}",
@@ -192,7 +177,7 @@ def test_disk_fill_and_writes_outside_leave_nothing(backend):
     _still_works()
 
 
-def test_deleting_outside_the_work_dir_is_refused(backend):
+def test_deleting_outside_the_work_dir_is_refused(sandbox_backend):
     victim = tempfile.mkdtemp(prefix="stepscope-victim-")
     os.chmod(victim, 0o755)
     with open(os.path.join(victim, "precious.txt"), "w") as fh:
@@ -207,14 +192,14 @@ def test_deleting_outside_the_work_dir_is_refused(backend):
         shutil.rmtree(victim, ignore_errors=True)
 
 
-def test_stdout_flood_is_capped(backend):
+def test_stdout_flood_is_capped(sandbox_backend):
     start = time.monotonic()
     result = _grade("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", timeout_s=3)
     assert not result.correct and time.monotonic() - start < 15
     _still_works()
 
 
-def test_infinite_loop_and_long_sleep_time_out(backend):
+def test_infinite_loop_and_long_sleep_time_out(sandbox_backend):
     for body in ("while True:\n    pass", "import time\ntime.sleep(3600)"):
         start = time.monotonic()
         result = _grade(body, timeout_s=2)
@@ -222,7 +207,7 @@ def test_infinite_loop_and_long_sleep_time_out(backend):
     _still_works()
 
 
-def test_environment_secrets_do_not_reach_the_code(backend, monkeypatch):
+def test_environment_secrets_do_not_reach_the_code(sandbox_backend, monkeypatch):
     secret = f"sk-{uuid.uuid4().hex}"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     monkeypatch.setenv("HF_TOKEN", secret)
@@ -231,7 +216,7 @@ def test_environment_secrets_do_not_reach_the_code(backend, monkeypatch):
     assert not _grade(body).correct
 
 
-def test_other_processes_secrets_in_proc_are_out_of_reach(backend):
+def test_other_processes_secrets_in_proc_are_out_of_reach(sandbox_backend):
     secret = f"secret-{uuid.uuid4().hex}"
     import subprocess
 
@@ -253,7 +238,7 @@ def test_other_processes_secrets_in_proc_are_out_of_reach(backend):
         holder.wait()
 
 
-def test_no_connection_reaches_a_local_listener(backend):
+def test_no_connection_reaches_a_local_listener(sandbox_backend):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(4)
@@ -278,7 +263,7 @@ def test_no_connection_reaches_a_local_listener(backend):
         server.close()
 
 
-def test_a_detached_daemon_does_not_outlive_the_run(backend):
+def test_a_detached_daemon_does_not_outlive_the_run(sandbox_backend):
     token = f"daemon-{uuid.uuid4().hex}"
     body = (
         "import os\n"
@@ -295,8 +280,8 @@ def test_a_detached_daemon_does_not_outlive_the_run(backend):
     assert not _processes_with(token)
 
 
-def test_killing_the_parent_leaves_the_evaluation_running(backend):
-    if _unprotected(backend):
+def test_killing_the_parent_leaves_the_evaluation_running(sandbox_backend):
+    if _unprotected(sandbox_backend):
         pytest.skip("as an ordinary user without namespaces the program could signal the test runner")
     problems = [PROBLEM] * 4
     responses = [_respond("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"),

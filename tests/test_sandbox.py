@@ -12,23 +12,6 @@ import pytest
 
 from stepscope import sandbox
 from stepscope.errors import StepscopeError
-from stepscope.sandbox import runner
-
-
-def _works(backend: str) -> bool:
-    try:
-        return bool(runner._working_plans(backend))
-    except StepscopeError:
-        return False
-
-
-@pytest.fixture(params=list(sandbox.BACKENDS))
-def mode(request, monkeypatch):
-    """Run a test under each isolation backend this machine supports (the fallbacks too)."""
-    if not _works(request.param):
-        pytest.skip(f"the {request.param} backend does not work here")
-    monkeypatch.setenv(sandbox.ENV_VAR, request.param)
-    return request.param
 
 
 def _processes_with(token: str) -> list[int]:
@@ -55,20 +38,20 @@ def _no_leftovers(token: str, grace_s: float = 1.0) -> bool:
     return True
 
 
-def test_normal_program_returns_its_output(mode):
+def test_normal_program_returns_its_output(sandbox_backend):
     result = sandbox.run_python("import sys\nprint('hello', sys.argv[1:])", args=["a", "b"], timeout_s=5)
     assert result.ok and result.status == "ok" and result.returncode == 0
     assert result.stdout == "hello ['a', 'b']\n"
-    assert result.isolation == sandbox.isolation_mode() and result.isolation.startswith(mode)
+    assert result.isolation == sandbox.isolation_mode() and result.isolation.startswith(sandbox_backend)
 
 
-def test_exception_is_an_error_with_the_traceback(mode):
+def test_exception_is_an_error_with_the_traceback(sandbox_backend):
     result = sandbox.run_python("raise ValueError('boom')", timeout_s=5)
     assert not result.ok and result.status == "error" and result.returncode == 1
     assert "ValueError: boom" in result.stderr
 
 
-def test_environment_is_scrubbed_and_workdir_is_private_and_removed(mode, monkeypatch):
+def test_environment_is_scrubbed_and_workdir_is_private_and_removed(sandbox_backend, monkeypatch):
     monkeypatch.setenv("STEPSCOPE_TEST_SECRET", "hunter2")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     program = "import os, json\nprint(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd()}))"
@@ -79,14 +62,14 @@ def test_environment_is_scrubbed_and_workdir_is_private_and_removed(mode, monkey
     assert set(seen["env"]) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS",
                                 "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PWD"}  # sh sets PWD
     assert seen["env"]["HOME"] == seen["cwd"]
-    if mode == "bwrap":  # a private tmpfs, invisible from the host
+    if sandbox_backend == "bwrap":  # a private tmpfs, invisible from the host
         assert seen["cwd"] == "/sandbox/work"
     else:
         assert os.path.basename(seen["cwd"]).startswith(sandbox.TEMP_PREFIX)
         assert not os.path.exists(seen["cwd"])
 
 
-def test_memory_bomb_is_stopped(mode):
+def test_memory_bomb_is_stopped(sandbox_backend):
     start = time.monotonic()
     result = sandbox.run_python("block = bytearray(50 * 1024**3)\nprint('allocated')", timeout_s=10, memory_mb=512)
     assert not result.ok and result.status == "memory"
@@ -94,7 +77,7 @@ def test_memory_bomb_is_stopped(mode):
     assert time.monotonic() - start < 5
 
 
-def test_huge_file_is_stopped_and_removed(mode, tmp_path):
+def test_huge_file_is_stopped_and_removed(sandbox_backend, tmp_path):
     program = (
         "import os\nprint(os.getcwd(), flush=True)\n"
         "with open('big.bin', 'wb') as fh:\n"
@@ -106,7 +89,7 @@ def test_huge_file_is_stopped_and_removed(mode, tmp_path):
     assert not os.path.exists(result.stdout.strip())  # the work directory (and the file) are gone
 
 
-def test_sleep_forever_times_out_promptly(mode):
+def test_sleep_forever_times_out_promptly(sandbox_backend):
     start = time.monotonic()
     result = sandbox.run_python("import time\nprint('started', flush=True)\ntime.sleep(10**6)", timeout_s=1)
     elapsed = time.monotonic() - start
@@ -115,13 +98,13 @@ def test_sleep_forever_times_out_promptly(mode):
     assert elapsed < 3.5
 
 
-def test_cpu_time_limit(mode):
+def test_cpu_time_limit(sandbox_backend):
     result = sandbox.run_python("while True:\n    pass", timeout_s=8, cpu_s=1)
     assert not result.ok and result.status in ("cpu", "killed")
     assert result.duration_s < 5
 
 
-def test_fork_bomb_is_contained_and_leaves_nothing(mode):
+def test_fork_bomb_is_contained_and_leaves_nothing(sandbox_backend):
     token = f"forkbomb-{uuid.uuid4().hex}"
     # Bounded: 200 children that sleep, so nothing bad happens if containment failed.
     program = (
@@ -143,7 +126,7 @@ def test_fork_bomb_is_contained_and_leaves_nothing(mode):
     assert _no_leftovers(token), f"sandbox children survived: {_processes_with(token)}"
 
 
-def test_children_that_leave_the_process_group_still_die(mode):
+def test_children_that_leave_the_process_group_still_die(sandbox_backend):
     token = f"escape-{uuid.uuid4().hex}"
     program = (
         "import os, time\n"
@@ -158,7 +141,7 @@ def test_children_that_leave_the_process_group_still_die(mode):
     assert _no_leftovers(token), f"an escaped child survived: {_processes_with(token)}"
 
 
-def test_network_is_unreachable(mode):
+def test_network_is_unreachable(sandbox_backend):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -180,12 +163,12 @@ def test_network_is_unreachable(mode):
         server.close()
 
 
-def test_socket_use_without_handling_is_not_ok(mode):
+def test_socket_use_without_handling_is_not_ok(sandbox_backend):
     result = sandbox.run_python("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\n", timeout_s=8)
     assert not result.ok and result.status == "error"
 
 
-def test_output_flood_is_capped(mode):
+def test_output_flood_is_capped(sandbox_backend):
     program = "import sys\nfor _ in range(20000):\n    sys.stdout.write('x' * 1000)\nprint('end')"
     result = sandbox.run_python(program, timeout_s=10, max_output_bytes=10_000)
     assert result.ok and result.truncated
@@ -197,7 +180,7 @@ def test_invalid_limits_are_a_user_error():
         sandbox.run_python("print(1)", timeout_s=0)
 
 
-def test_stdin_and_the_private_result_channel(mode):
+def test_stdin_and_the_private_result_channel(sandbox_backend):
     program = (
         "import os, sys\n"
         "data = sys.stdin.buffer.read()\n"
@@ -223,7 +206,7 @@ def _host_uids_of(token: str) -> set[int]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop applies to root callers")
-def test_root_callers_run_the_program_as_a_fresh_unprivileged_uid(mode):
+def test_root_callers_run_the_program_as_a_fresh_unprivileged_uid(sandbox_backend):
     """Seen from the host (a user namespace may call the program root inside), the program is not root."""
     import threading
 
@@ -245,7 +228,7 @@ def test_root_callers_run_the_program_as_a_fresh_unprivileged_uid(mode):
         assert seen[0] != seen[1]  # one uid per run
 
 
-def test_read_only_system_and_only_the_work_dir_writable(mode):
+def test_read_only_system_and_only_the_work_dir_writable(sandbox_backend):
     program = (
         "import os\n"
         "for path in ['/usr/stepscope-probe', '/etc/stepscope-probe', '/stepscope-probe']:\n"
