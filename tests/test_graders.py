@@ -409,3 +409,71 @@ def test_small_model_answer_lines(response, expected):
     p = Problem("t/0", "q", expected, "math", {"numeric": True})
     assert extract_answer(p, response) == expected
     assert grade(p, response).correct
+
+
+# --- a grader registered by a user ----------------------------------------------------------------------------
+
+
+def grade_parity(problem: Problem, response: str, timeout_s: float) -> Grade:
+    """A test plug-in grader: right when the response's last integer has the gold answer's parity."""
+    import re
+
+    numbers = re.findall(r"-?\d+", response)
+    if not numbers:
+        return Grade(False, None, "no integer")
+    return Grade(int(numbers[-1]) % 2 == int(problem.answer) % 2, numbers[-1], f"worker {os.getpid()}")
+
+
+@pytest.fixture
+def parity():
+    from stepscope.evaluation import datasets
+
+    graders.register_grader("parity", grade_parity, instructions={"plain": "End with an integer of that parity."})
+    yield "parity"
+    graders._GRADE_FUNCS.pop("parity", None)
+    datasets._PLUGIN_GRADERS.remove("parity")
+    for table in datasets.INSTRUCTIONS.values():
+        table.pop("parity", None)
+
+
+def test_a_registered_grader_grades_in_workers_and_in_process(parity, tmp_path):
+    from stepscope.evaluation.datasets import INSTRUCTIONS, build_user_message, grader_names, load_problems_from_file
+
+    assert "parity" in grader_names()
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"question": "Name an even number.", "answer": "2"}) + "\n"
+                    + json.dumps({"question": "Name an odd number.", "answer": "1"}) + "\n")
+    problems = load_problems_from_file(data, answer_field="answer", grader="parity")
+    responses = ["I say 14", "I say 8"]
+    here = grade_many(problems, responses, workers=0)
+    there = grade_many(problems, responses, workers=2)
+    assert [g.correct for g in here] == [g.correct for g in there] == [True, False]
+    assert all(g.detail != f"worker {os.getpid()}" for g in there)  # graded in the worker processes
+    assert build_user_message(problems[0], "plain").endswith("End with an integer of that parity.")
+    assert build_user_message(problems[0], "think").endswith(INSTRUCTIONS["think"]["exact"])  # the default
+
+
+def test_grader_registration_refuses_clashes_and_unimportable_functions(parity):
+    with pytest.raises(StepscopeError, match="exists already"):
+        graders.register_grader("math", grade_parity)
+    with pytest.raises(StepscopeError, match="lower-case"):
+        graders.register_grader("Bad Name", grade_parity)
+    with pytest.raises(StepscopeError, match="unknown prompt styles"):
+        graders.register_grader("parity2", grade_parity, instructions={"chatty": "x"})
+
+    def local(problem, response, timeout_s):
+        return Grade(True, None, "")
+
+    graders.register_grader("local_one", local)
+    try:
+        problem = Problem("x/0", "q", "1", "local_one", {})
+        assert grade_many([problem], ["r"], workers=0)[0].correct
+        with pytest.raises(StepscopeError, match="not importable by the grading workers"):
+            grade_many([problem], ["r"], workers=1)
+    finally:
+        from stepscope.evaluation import datasets
+
+        graders._GRADE_FUNCS.pop("local_one", None)
+        datasets._PLUGIN_GRADERS.remove("local_one")
+        for table in datasets.INSTRUCTIONS.values():
+            table.pop("local_one", None)

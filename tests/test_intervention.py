@@ -131,6 +131,8 @@ def test_settings_from_command_line_strings_follow_the_field_types():
 
 
 def test_plugins_load_from_the_environment(tmp_path, monkeypatch):
+    from stepscope import plugins
+
     (tmp_path / "env_plugin_mod.py").write_text(
         "from dataclasses import dataclass\nfrom typing import ClassVar\n"
         "from stepscope.stepflow.intervention import register_intervention\n"
@@ -139,16 +141,19 @@ def test_plugins_load_from_the_environment(tmp_path, monkeypatch):
         "    def layers(self, n): return frozenset()\n    def start(self, handle): return []\n"
         "    def describe(self, n=None): return 'nothing'\n    def to_dict(self): return {}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(iv.PLUGIN_ENV, "env_plugin_mod")
-    monkeypatch.setattr(iv, "_loaded", False)
-    assert "env_nothing" in iv.intervention_kinds()
-    monkeypatch.setenv(iv.PLUGIN_ENV, "no_such_module_here")
-    monkeypatch.setattr(iv, "_loaded", False)
-    with pytest.raises(StepscopeError, match="cannot import 'no_such_module_here'"):
-        iv.intervention_kinds()
-    monkeypatch.setattr(iv, "_loaded", True)
-    sys.modules.pop("env_plugin_mod", None)
-    iv._REGISTRY.pop("env_nothing", None)
+    monkeypatch.setenv(plugins.ENV, "env_plugin_mod")
+    plugins.reset()
+    try:
+        assert "env_nothing" in iv.intervention_kinds()
+        monkeypatch.setenv(plugins.ENV, "no_such_module_here")
+        plugins.reset()
+        with pytest.raises(StepscopeError, match="cannot import 'no_such_module_here'"):
+            iv.intervention_kinds()
+    finally:
+        monkeypatch.delenv(plugins.ENV)
+        plugins.reset()
+        sys.modules.pop("env_plugin_mod", None)
+        iv._REGISTRY.pop("env_nothing", None)
 
 
 # -- the plug-in on a model ----------------------------------------------------------------------------------------

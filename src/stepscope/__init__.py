@@ -19,6 +19,7 @@ _LAZY = {
     "FormatProfile": "profiles",
     "PROFILES": "profiles",
     "get_profile": "profiles",
+    "register_profile": "profiles",
     "generate": "generation",
     "SamplingConfig": "sampling",
     "load_model": "models",
@@ -61,6 +62,7 @@ __all__ = [
     "plot_layer_maps",
     "plot_metric_curves",
     "plot_step_map",
+    "register_profile",
     "results_to_pandas",
     "save_figure",
     "step_saliency",
@@ -73,7 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and editors; at run ti
     from .generation import generate
     from .models import load_model
     from .notebook import results_to_pandas
-    from .profiles import PROFILES, FormatProfile, get_profile
+    from .profiles import PROFILES, FormatProfile, get_profile, register_profile
     from .saliency import StepSaliency, step_saliency
     from .saliency.plots import (
         plot_band_scores,

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import StepscopeError
-from .common import add_format_arg, add_generation_args
+from .common import add_format_arg, add_generation_args, profile_choices
 from .eval import add_problem_args, build_config, load_eval_problems
 from .saliency_args import add_saliency_args
 from .stepflow_args import add_stepflow_args, stepflow_from_args
@@ -33,7 +33,7 @@ def register(sub) -> None:
     g.add_argument("--dtype", default=None)
     g.add_argument("--device", default=None)
     g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--profile", default="auto", choices=["auto", "think", "harmony", "plain"])
+    g.add_argument("--profile", default="auto", choices=profile_choices())
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     add_problem_args(p)
     add_generation_args(p, max_new_tokens=256)

@@ -23,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto)")
     g.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto) for multi-GPU models")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
-    g.add_argument("--profile", default="auto", choices=["auto", "think", "harmony", "plain"],
+    g.add_argument("--profile", default="auto", choices=profile_choices(),
                    help="trace format (default: detected from the tokenizer)")
 
 
@@ -85,6 +85,13 @@ def figure_formats(text: str) -> tuple[str, ...]:
         return parse_formats(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def profile_choices() -> list[str]:
+    """``--profile`` values: auto-detection and every known trace format (plug-ins included)."""
+    from ..profiles import profile_names
+
+    return ["auto", *profile_names()]
 
 
 def add_format_arg(p: argparse.ArgumentParser) -> None:

@@ -59,8 +59,8 @@ def add_problem_args(p) -> None:
                    "(instead of --question-field)")
     d.add_argument("--answer-field", default="answer", help="answer field of --data-file lines")
     d.add_argument("--id-field", default=None, help="problem id field of --data-file lines (default: line number)")
-    d.add_argument("--grader", default="math", choices=["math", "choice", "exact", "code"],
-                   help="how --data-file answers are graded (default: math)")
+    d.add_argument("--grader", default="math", metavar="NAME",
+                   help="how --data-file answers are graded: math (default), choice, exact, code, or a plug-in grader")
     d.add_argument("--indices", help="rows to use, e.g. 0-9,17")
     d.add_argument("--limit", type=int, default=None, help="use only the first N problems (after --indices)")
     d.add_argument("--rg", action="append", default=[], metavar="KEY=VALUE",

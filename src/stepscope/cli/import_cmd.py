@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import profile_choices
+
 FORMAT_CHOICES = ("auto", "openai", "lm-eval", "lighteval", "plain")
 
 
@@ -24,7 +26,7 @@ def register(sub) -> None:
                    help="the model whose tokenizer the traces use: the one that generated the responses, and "
                    "the one diagnose / analyze will run ('default', 'organism', a directory or a hub id)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
-    g.add_argument("--profile", default="auto", choices=["auto", "think", "harmony", "plain"],
+    g.add_argument("--profile", default="auto", choices=profile_choices(),
                    help="trace format (default: detected from the tokenizer)")
     g.add_argument("--prompt-mode", default="auto", choices=["auto", "chat", "raw"],
                    help="how a prompt becomes tokens: raw (as is: the exact model input, e.g. an lm-eval or "

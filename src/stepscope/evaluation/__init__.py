@@ -10,7 +10,7 @@ from .datasets import (
     parse_indices,
     parse_rg_params,
 )
-from .graders import Grade, GradingConfig, extract_answer, grade, grade_many
+from .graders import Grade, GradingConfig, extract_answer, grade, grade_many, register_grader
 
 __all__ = [
     "DATASETS",
@@ -26,4 +26,5 @@ __all__ = [
     "load_problems_from_file",
     "parse_indices",
     "parse_rg_params",
+    "register_grader",
 ]

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import StepscopeError
 from ..extras import require
-from ..profiles import PLAIN
+from ..profiles import PLAIN, PROFILES, FormatProfile, profile_names
 from .grader_inputs import GraderInput, RgTask, task_from_meta
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Problem",
     "QuestionTemplate",
     "build_user_message",
+    "grader_names",
     "load_problems",
     "load_problems_from_file",
     "parse_indices",
@@ -42,7 +43,29 @@ __all__ = [
 ]
 
 DATA_DIR_ENV = "STEPSCOPE_DATA_DIR"
-GRADERS = ("math", "choice", "exact", "code", "rg")
+GRADERS = ("math", "choice", "exact", "code", "rg")  # the built-in graders; plug-ins: graders.register_grader
+_PLUGIN_GRADERS: list[str] = []
+
+
+def grader_names() -> tuple[str, ...]:
+    """Every known grader: the built-ins, then those registered by plug-ins (loaded on first use)."""
+    from .. import plugins
+
+    plugins.load("graders")
+    return GRADERS + tuple(_PLUGIN_GRADERS)
+
+
+def add_grader_name(name: str, instructions: Mapping[str, str] | None = None) -> None:
+    """Record a plug-in grader and its prompt instruction per style (default: the ``exact`` grader's)."""
+    instructions = dict(instructions or {})
+    unknown = sorted(set(instructions) - set(INSTRUCTIONS))
+    if unknown:
+        raise StepscopeError(f"instructions for unknown prompt styles {unknown}; the styles are "
+                             f"{', '.join(INSTRUCTIONS)}")
+    for style, table in INSTRUCTIONS.items():
+        table[name] = instructions.get(style, table["exact"])
+    if name not in GRADERS and name not in _PLUGIN_GRADERS:
+        _PLUGIN_GRADERS.append(name)
 RG_PREFIX = "rg:"
 ORGANISM_PREFIX = "organism:"
 
@@ -539,8 +562,8 @@ def load_problems_from_file(
     from the row's fields (e.g. ``"{Body} {Question}"``); give one of the two. A null or empty question or
     answer is refused with its line number, so nothing is evaluated against a made-up gold such as "None".
     """
-    if grader not in GRADERS:
-        raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    if grader not in grader_names():
+        raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(grader_names())}")
     if question_template is not None and question_field is not None:
         raise StepscopeError("give --question-field or --question-template, not both")
     template = QuestionTemplate.parse(question_template) if question_template is not None else None
@@ -708,15 +731,15 @@ INSTRUCTIONS: dict[str, dict[str, str]] = {
                       "that reads standard input and writes standard output, in a single ```python code block.",
     },
 }
-PROFILE_STYLES: dict[str, str] = {"think": "think", "harmony": "think", "plain": "plain"}
 
 
 def build_user_message(problem: Problem, profile: Any) -> str:
     """The user turn: the question plus the answer-format instruction for this model profile."""
-    profile_name = getattr(profile, "name", profile)
-    style = PROFILE_STYLES.get(profile_name)
-    if style is None:
-        raise StepscopeError(f"unknown prompt profile {profile_name!r}; choose one of {', '.join(PROFILE_STYLES)}")
+    if not isinstance(profile, FormatProfile):
+        if profile not in profile_names():
+            raise StepscopeError(f"unknown prompt profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        profile = PROFILES[profile]
+    style = profile.prompt_style
     if problem.instruction == NO_INSTRUCTION:
         return problem.question
     if problem.instruction is not None and problem.instruction not in INSTRUCTIONS[style]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -30,7 +31,17 @@ _FINAL_LINE = re.compile(
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>\s]{1,40}\|>|<｜[^｜>]{1,40}｜>")
 _ANSWER_TAG = re.compile(r"(?is)<answer>(.*?)</answer>")
 # where the summary starts, as the format profiles define it (</think>, the harmony final channel)
-_SUMMARY_MARKERS = tuple(re.compile(p.summary_after) for p in PROFILES.values() if p.summary_after)
+
+
+@functools.lru_cache(maxsize=8)
+def _markers(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
+    return tuple(re.compile(p) for p in patterns)
+
+
+def _summary_markers() -> tuple[re.Pattern, ...]:
+    """Every known format's summary marker (registered profiles included), compiled once per set."""
+    return _markers(tuple(p.summary_after for p in PROFILES.values() if p.summary_after))
+
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)(?:```|\Z)", re.DOTALL)
 _CODE_LIKE = re.compile(r"(?m)^\s*(?:def |class |import |from \S+ import )")
 
@@ -57,7 +68,7 @@ def last_boxed(text: str) -> str | None:
 
 def _regions(response: str) -> list[str]:
     """The summary after a thinking marker first (where the answer belongs), then the whole response."""
-    for marker in _SUMMARY_MARKERS:
+    for marker in _summary_markers():
         found = list(marker.finditer(response))
         if found:
             return [response[found[-1].end():], response]

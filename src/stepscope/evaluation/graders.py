@@ -11,14 +11,14 @@ import json
 import math
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import StepscopeError
 from ..extras import require
 from ..sandbox.pool import map_isolated
 from .code_grading import grade_code
-from .datasets import Problem
+from .datasets import Problem, add_grader_name, grader_names
 from .extract import clean_answer, extract_answer, numeric_value, strip_special_tokens
 from .grader_inputs import RgTask
 from .verdict import Grade
@@ -187,13 +187,47 @@ _MODE_FUNCS: dict[tuple[str, str], Callable[[Problem, str, float], Grade]] = {
 }
 
 
+GradeFunc = Callable[[Problem, str, float], Grade]
+
+
+def register_grader(name: str, func: GradeFunc, *, instructions: Mapping[str, str] | None = None) -> GradeFunc:
+    """Make ``func(problem, response, timeout_s) -> Grade`` the grader called ``name``.
+
+    ``instructions``: the answer-format instruction its prompts append, per prompt style (``"think"``,
+    ``"plain"``); a style left out gets the ``exact`` grader's. Define the function at the top level of an
+    importable module: grading runs in fresh worker processes, which import it from there. Problems name it in
+    ``Problem.grader`` (``--grader NAME`` for a data file). What it needs beyond question and gold answer belongs in
+    ``Problem.task`` (:mod:`.grader_inputs`).
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise StepscopeError(f"grader name {name!r}: use lower-case letters, digits and '_'")
+    if not callable(func):
+        raise StepscopeError(f"grader {name!r} must be a function (problem, response, timeout_s) -> Grade")
+    known = _GRADE_FUNCS.get(name)
+    if known is not None and getattr(known, "__qualname__", None) != getattr(func, "__qualname__", None):
+        raise StepscopeError(f"a grader named {name!r} exists already; choose another name")
+    _GRADE_FUNCS[name] = func
+    add_grader_name(name, instructions)
+    return func
+
+
+def _grade_func(problem: Problem, config: GradingConfig | None) -> GradeFunc:
+    if problem.grader not in _GRADE_FUNCS:
+        grader_names()  # a plug-in may register it
+    func = _GRADE_FUNCS.get(problem.grader)
+    if func is None:
+        raise StepscopeError(f"unknown grader {problem.grader!r} in {problem.id}; choose one of "
+                             f"{', '.join(_GRADE_FUNCS)}")
+    return _MODE_FUNCS.get(((config or GradingConfig()).mode, problem.grader), func)
+
+
 def grade(problem: Problem, response: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
           config: GradingConfig | None = None) -> Grade:
     """Grade one response; a failure inside a grader becomes a wrong Grade with the reason in ``detail``."""
-    func = _GRADE_FUNCS.get(problem.grader)
-    if func is None:
-        raise StepscopeError(f"unknown grader {problem.grader!r}; choose one of {', '.join(_GRADE_FUNCS)}")
-    func = _MODE_FUNCS.get(((config or GradingConfig()).mode, problem.grader), func)
+    return _run_grader(_grade_func(problem, config), problem, response, timeout_s)
+
+
+def _run_grader(func: GradeFunc, problem: Problem, response: str, timeout_s: float) -> Grade:
     try:
         return func(problem, response or "", timeout_s)
     except StepscopeError:
@@ -206,9 +240,9 @@ def grade(problem: Problem, response: str, *, timeout_s: float = DEFAULT_TIMEOUT
 # --- isolated parallel map ----------------------------------------------------------------------------
 
 
-def _grade_item(item: tuple[Problem, str, float, GradingConfig | None]) -> Grade:
-    problem, response, timeout_s, config = item
-    return grade(problem, response, timeout_s=timeout_s, config=config)
+def _grade_item(item: tuple[Problem, str, float, GradeFunc]) -> Grade:
+    problem, response, timeout_s, func = item  # the function travels: a worker need not know its registration
+    return _run_grader(func, problem, response, timeout_s)
 
 
 def grade_many(
@@ -223,11 +257,14 @@ def grade_many(
     if len(problems) != len(responses):
         raise StepscopeError(f"got {len(problems)} problems but {len(responses)} responses; pass one response per "
                              "problem")
-    for problem in problems:
-        if problem.grader not in _GRADE_FUNCS:
-            raise StepscopeError(f"unknown grader {problem.grader!r} in {problem.id}; choose one of "
-                                 f"{', '.join(_GRADE_FUNCS)}")
-    items = [(p, r or "", float(timeout_s), config) for p, r in zip(problems, responses)]
+    funcs = [_grade_func(p, config) for p in problems]
+    if workers > 0:
+        for func in set(funcs):
+            where = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            if getattr(func, "__module__", "__main__") == "__main__" or "<locals>" in where:
+                raise StepscopeError(f"grader {where} is not importable by the grading workers: define it at the "
+                                     "top level of a module (or grade in this process with workers=0)")
+    items = [(p, r or "", float(timeout_s), f) for p, r, f in zip(problems, responses, funcs)]
     if workers <= 0 or not items:
         return [_grade_item(item) for item in items]
     outcomes = map_isolated(_grade_item, items, workers=workers, deadline_s=3 * timeout_s + 10)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepscopeError
-from .datasets import GRADERS, Problem
+from .datasets import Problem, grader_names
 
 __all__ = [
     "FORMATS",
@@ -713,8 +713,8 @@ def import_samples(
         raise StepscopeError(f"unknown prompt mode {prompt_mode!r}; choose one of {', '.join(PROMPT_MODES)}")
     if grade and source_metric:
         raise StepscopeError("choose one of --grade (stepscope's graders) and --source-metric (the file's own scores)")
-    if grader not in GRADERS:
-        raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    if grader not in grader_names():
+        raise StepscopeError(f"unknown grader {grader!r}; choose one of {', '.join(grader_names())}")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", condition):
         raise StepscopeError(f"condition name {condition!r} may hold only letters, digits, '.', '_' and '-'")
     out = Path(out)

@@ -18,12 +18,11 @@ modules to import in ``$STEPSCOPE_PLUGINS`` (comma-separated).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import StepscopeError
+from ..plugins import ENV as PLUGIN_ENV
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +43,6 @@ __all__ = [
     "register_intervention",
 ]
 
-ENTRY_POINT_GROUP = "stepscope.interventions"
-PLUGIN_ENV = "STEPSCOPE_PLUGINS"
 
 # (call, batch row, q0, q1, k0, k1, masked logits (H, c, k)) -> the attention weights (H, c, k) the layer used
 WeightsEdit = Callable[..., "torch.Tensor"]
@@ -108,7 +105,6 @@ class Edit:
 
 
 _REGISTRY: dict[str, type] = {}
-_loaded = False
 
 
 def register_intervention(cls: type) -> type:
@@ -130,26 +126,12 @@ def register_intervention(cls: type) -> type:
 
 
 def _load_plugins() -> None:
-    """Import the built-in interventions, then those of installed packages and of ``$STEPSCOPE_PLUGINS``."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    from importlib.metadata import entry_points
-
+    """The built-in interventions, then those of installed packages and of ``$STEPSCOPE_PLUGINS``."""
+    from .. import plugins
     from . import config as _config  # noqa: F401  (registers stepflow)
     from . import controls as _controls  # noqa: F401  (registers the StepFlow controls)
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # a broken third-party plug-in must not take the tool down
-            raise StepscopeError(f"the intervention plug-in {ep.name!r} ({ep.value}) failed to load: {e}") from e
-    for name in [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise StepscopeError(f"cannot import {name!r} listed in ${PLUGIN_ENV}: {e}") from e
+    plugins.load("interventions")
 
 
 def intervention_kinds() -> tuple[str, ...]:
@@ -163,7 +145,8 @@ def intervention_type(kind: str) -> type:
     cls = _REGISTRY.get(kind)
     if cls is None:
         raise StepscopeError(f"unknown intervention {kind!r}; known: {', '.join(sorted(_REGISTRY))} (plug-ins "
-                             f"load from the {ENTRY_POINT_GROUP!r} entry points and ${PLUGIN_ENV})")
+                             "load from the 'stepscope.interventions' entry points and "
+                             f"${PLUGIN_ENV})")
     return cls
 
 
