@@ -28,16 +28,11 @@ def explain_step(model, tok, prompts, stepflow) -> dict:
 
     import torch
 
-    from stepscope.generation import (
-        _forward_last,
-        cache_kwarg,
-        left_pad,
-        new_static_cache,
-        positions,
-    )
+    from stepscope.batch import left_pad, positions
+    from stepscope.generation import _forward_last, cache_kwarg, new_static_cache
     from stepscope.labels import RowLabeler
     from stepscope.profiles import get_profile
-    from stepscope.stepflow.handle import stepflow_session
+    from stepscope.stepflow.handle import session as stepflow_session
 
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     width, span = ids.shape[1], ids.shape[1] + 8

@@ -45,7 +45,7 @@ def load_time(cache: str) -> float:
 def hf_generate(model, tok, prompts, tokens):
     import torch
 
-    from stepscope.generation import left_pad
+    from stepscope.batch import left_pad
     from stepscope.prompting import prompt_ids
 
     ids, mask = left_pad([prompt_ids(tok, p) for p in prompts], tok.pad_token_id, "cpu")

@@ -125,7 +125,7 @@ def generation(shape: str, prompt_tokens: int, new_tokens: int, conditions, args
     def theirs():
         from transformers import CompileConfig
 
-        from stepscope.generation import left_pad
+        from stepscope.batch import left_pad
         from stepscope.prompting import prompt_ids
 
         ids, mask = left_pad([prompt_ids(tok, question)], tok.pad_token_id, device)
