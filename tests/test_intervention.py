@@ -236,6 +236,11 @@ def test_step_saliency_with_the_plugin_matches_brute_force(tokenizers, trace):
     tok = tokenizers["think"]
     model = tiny_model("llama", tok, layers=2)
     got = stepscope.step_saliency(model, tok, trace, stepflow=QuestionBoost(3.0), target="all", progress=False)
+    assert got.meta["stepflow"] == {"kind": "question_boost", "beta": 3.0, "on_layers": None}
+    from stepscope.saliency.describe import stepflow_of, stepflow_settings
+
+    assert stepflow_of(got) is None  # no StepFlow bands to describe
+    assert stepflow_settings(got) == "question boost x3 on every layer"
     # brute force: eager attention with the boost as a bias mask, every weight kept with its gradient
     original = model.config._attn_implementation
     model.set_attn_implementation("eager")

@@ -67,8 +67,8 @@ def step_saliency(
     tokens) or ``"summary"`` (summary tokens). ``chunk_mb``: memory budget of one chunk of query rows.
     ``keep_mb``: memory for keeping the top layers' autograd graphs from the first pass instead of recomputing
     them (faster; 0 recomputes every layer, the leanest setting).
-    ``batch_size``: traces computed together (left-padded). ``stepflow``: a ``StepFlowConfig`` to measure the
-    flow with StepFlow's edits on (teacher-forced). The model is left exactly as it was.
+    ``batch_size``: traces computed together (left-padded). ``stepflow``: a ``StepFlowConfig`` (or any registered
+    intervention) to measure the flow with its edits on (teacher-forced). The model is left exactly as it was.
     """
     single = isinstance(trace_or_traces, Trace)
     traces: list[Trace] = [trace_or_traces] if isinstance(trace_or_traces, Trace) else list(trace_or_traces)
@@ -94,6 +94,7 @@ def step_saliency(
 
     if stepflow is not None:
         from ..stepflow.fullpass import teacher_forced
+        from ..stepflow.intervention import intervention_to_dict
     order = sorted(range(len(traces)), key=lambda i: len(traces[i]))
     out: list[StepSaliency | None] = [None] * len(traces)
     for start in range(0, len(order), batch_size):
@@ -110,7 +111,7 @@ def step_saliency(
             meta = {
                 "model": t.model, "question": t.question, "profile": t.profile, "tokens": len(t),
                 "prompt_len": t.prompt_len, "loss": res.loss[k], "target": target, "seconds": round(seconds, 3),
-                "stepflow": None if stepflow is None else stepflow.to_dict(), "trace_meta": t.meta,
+                "stepflow": None if stepflow is None else intervention_to_dict(stepflow), "trace_meta": t.meta,
             }
             out[i] = StepSaliency(res.sums[k].double().numpy(), causal_counts(t.steps), res.other[k].double().numpy(),
                                   list(t.steps), meta, band_fraction)

@@ -260,7 +260,7 @@ def compare(before: StepSaliency, after: StepSaliency, names: tuple[str, str] = 
 def stepflow_of(result: StepSaliency):
     """The StepFlow settings a result was measured with, resolved to its layers (None: measured without)."""
     cfg = (result.meta or {}).get("stepflow")
-    if not cfg:
+    if not cfg or cfg.get("kind", "stepflow") != "stepflow":  # a plug-in intervention has no StepFlow bands
         return None
     from ..stepflow.config import StepFlowConfig
 
@@ -275,6 +275,10 @@ def stepflow_settings(result: StepSaliency) -> str | None:
     resolved = stepflow_of(result)
     if resolved is None:
         cfg = (result.meta or {}).get("stepflow")
+        if cfg and cfg.get("kind", "stepflow") != "stepflow":  # a plug-in intervention describes itself
+            from ..stepflow.intervention import describe_dict
+
+            return describe_dict(cfg)
         return None if not cfg else f"StepFlow settings {cfg}"
     return resolved.describe().split(": ", 1)[1]
 
