@@ -160,12 +160,15 @@ def main() -> None:
                              **{k: getattr(s, k) for k in PROXIES}})
     t_all = time.time() - start
 
-    def within(proxy):
+    def within(proxy, value=None):
+        """Mean within-trace rho of ``value(row)`` (default: the row's ``proxy``) with reach."""
+        get = value or (lambda r: r[proxy])
+
         def stat(rs):
             by: dict = {}
             for r in rs:
                 by.setdefault(r["problem"], []).append(r)
-            rhos = [spearman([r[proxy] for r in v], [r["reach"] for r in v]) for v in by.values()
+            rhos = [spearman([get(r) for r in v], [r["reach"] for r in v]) for v in by.values()
                     if len(v) >= args.min_steps]
             rhos = [x for x in rhos if np.isfinite(x)]
             return float(np.mean(rhos)) if rhos else float("nan")
@@ -187,9 +190,7 @@ def main() -> None:
               "min_steps": args.min_steps, "proxies": {}, "seconds": {"generate": round(t_gen, 1),
                                                                         "total": round(t_all, 1)}}
     # the position-only reference: how well "earlier step" alone ranks the steps of a trace by reach
-    for r in rows:
-        r["earlier"] = -r["step"]
-    pos, posci = clustered(rows, within("earlier"), args.n_boot, 3)
+    pos, posci = clustered(rows, within("position", lambda r: -r["step"]), args.n_boot, 3)
     result["position_only_within_trace_mean_rho"], result["position_only_ci"] = pos, posci
     print(f"  position only (earlier step = higher reach): within-trace mean rho {pos:+.3f} "
           f"[{posci[0]:+.3f}, {posci[1]:+.3f}]", flush=True)

@@ -27,6 +27,7 @@ def registered():
 
 
 def test_builtin_profiles_carry_their_prompt_style():
+    assert set(INSTRUCTIONS) == set(profiles.PROMPT_STYLES)  # every style has its instructions
     assert {name: p.prompt_style for name, p in profiles.PROFILES.items() if name in ("think", "harmony", "plain")} \
         == {"think": "think", "harmony": "think", "plain": "plain"}
 

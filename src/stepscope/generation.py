@@ -254,8 +254,12 @@ def _generate_batch(model, tokenizer, profile, prompts, seeds, sampling: Samplin
         span = -(-span // STATIC_BUCKET) * STATIC_BUCKET
         # one fixed-width mask for every call (slots past the current length are masked as the future)
         mask = torch.cat([mask, mask.new_ones((B, span - width))], dim=1)
-    labeler = RowLabeler(tokenizer, profile, prompts, device, capacity=span,
-                         sink_tokens=int(getattr(stepflow, "sink_tokens", 1)))
+    sink_tokens = 1
+    if stepflow is not None:
+        from .stepflow.handle import sink_tokens_of
+
+        sink_tokens = sink_tokens_of(stepflow)
+    labeler = RowLabeler(tokenizer, profile, prompts, device, capacity=span, sink_tokens=sink_tokens)
     gens = None
     if sampling.temperature > 0:
         gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]

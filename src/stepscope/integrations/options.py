@@ -8,20 +8,20 @@ from typing import Any
 
 from ..errors import StepscopeError
 from ..stepflow import StepFlowConfig, parse_layers
+from ..stepflow.intervention import BOOL_WORDS
 
 # The StepFlowConfig fields a harness may set (eps is internal: a numerical guard, not a setting).
 FIELDS = ("oeb", "oeb_layers", "tau_max", "smi", "smi_layers", "alpha", "smi_window", "smi_at_summary",
           "band_fraction", "sink_tokens")
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def _bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text not in _BOOLS:
+    if text not in BOOL_WORDS:
         raise StepscopeError(f"StepFlow option {name}={value!r} is not true or false")
-    return _BOOLS[text]
+    return BOOL_WORDS[text]
 
 
 def _layers(name: str, value: Any) -> tuple[int, ...] | None:

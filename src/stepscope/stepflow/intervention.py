@@ -181,7 +181,8 @@ def describe_dict(d: Mapping[str, Any] | None, num_layers: int | None = None) ->
         return f"{d.get('kind', '?')} ({fields}; not installed here)"
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# how command lines and harness arguments write a boolean setting (also read by stepscope.integrations.options)
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 def settings_from_options(kind: str, options: Mapping[str, str]) -> Intervention:
@@ -209,9 +210,9 @@ def settings_from_options(kind: str, options: Mapping[str, str]) -> Intervention
         origin = typing.get_origin(base)
         try:
             if base is bool:
-                if value.lower() not in _TRUE + _FALSE:
+                if value.lower() not in BOOL_WORDS:
                     raise ValueError
-                kwargs[name] = value.lower() in _TRUE
+                kwargs[name] = BOOL_WORDS[value.lower()]
             elif base is int:
                 kwargs[name] = int(value)
             elif base is float:
